@@ -1,0 +1,39 @@
+"""INT8 quantize/dequantize math that matches ONNX QuantizeLinear/DequantizeLinear.
+
+``q = saturate(round_half_to_even(x / scale) + zero_point)`` in [-128, 127];
+``x_hat = (q - zero_point) * scale``.  Division (not multiplication by the
+reciprocal) and ``torch.round`` (half to even) give the same results as ONNX
+Runtime's kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["QMIN", "QMAX", "quantize", "dequantize", "fake_quant", "fake_quant_per_channel"]
+
+QMIN = -128
+QMAX = 127
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Quantize to int8 values (returned in ``x``'s float dtype)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, QMIN, QMAX)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q - zero_point) * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Per-tensor quantize then dequantize; ``scale``/``zero_point`` are 0-d tensors."""
+    return dequantize(quantize(x, scale, zero_point), scale, zero_point)
+
+
+def fake_quant_per_channel(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """Per-channel quantize then dequantize along ``axis``; ``scale`` is 1-d."""
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    return fake_quant(w, scale.reshape(shape), zero_point.reshape(shape))
