@@ -1,0 +1,1 @@
+"""Import paths kept for users of the reference tool."""

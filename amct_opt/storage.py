@@ -1,0 +1,98 @@
+"""Where studies live: SQLAlchemy URLs, the default SQLite file, and password masking."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from optuna.storages import BaseStorage, RDBStorage, RetryFailedTrialCallback
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import StorageError
+
+__all__ = [
+    "DEFAULT_DB_NAME",
+    "default_storage_url",
+    "mask_url",
+    "mask_secrets",
+    "open_storage",
+    "describe_storage",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB_NAME = "amct_opt.db"
+#: A worker that stops sending heartbeats for this long has its RUNNING trial failed and retried.
+HEARTBEAT_INTERVAL_S = 5
+GRACE_PERIOD_S = 20
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
+
+
+def default_storage_url(output_dir: str | Path) -> str:
+    """``sqlite:///<output_dir>/amct_opt.db`` with an absolute path."""
+    return f"sqlite:///{(Path(output_dir).resolve() / DEFAULT_DB_NAME).as_posix()}"
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return mask_secrets(url)
+
+
+def mask_secrets(text: str) -> str:
+    """Mask every ``scheme://user:password@`` password found in free text."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+
+
+def describe_storage(storage: str | BaseStorage) -> str:
+    if isinstance(storage, str):
+        return mask_url(storage)
+    if isinstance(storage, RDBStorage):
+        return mask_url(str(storage.engine.url))
+    return type(storage).__name__
+
+
+def _engine_kwargs(url: str) -> dict[str, object]:
+    if url.startswith("sqlite"):
+        # Several processes on one SQLite file wait for the lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def open_storage(storage: str | BaseStorage) -> BaseStorage:
+    """An Optuna storage for ``storage`` (a SQLAlchemy URL or a storage object).
+
+    RDB storages get heartbeats, so a crashed worker's RUNNING trial is failed
+    and re-queued with the same parameters.  Connection problems become a
+    :class:`StorageError` with the password masked.
+    """
+    if isinstance(storage, BaseStorage):
+        return storage
+    if not isinstance(storage, str) or not storage:
+        raise StorageError(
+            f"storage: expected a SQLAlchemy URL string or an optuna storage, got {storage!r}"
+        )
+    try:
+        make_url(storage)
+    except (ArgumentError, ValueError) as exc:
+        raise StorageError(f"storage: {mask_url(storage)!r} is not a SQLAlchemy URL ({exc})") from None
+    if storage.startswith("sqlite:///"):
+        Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(
+            storage,
+            engine_kwargs=_engine_kwargs(storage),
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=GRACE_PERIOD_S,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
+        )
+    except Exception as exc:  # noqa: BLE001 - drivers raise many types; all mean "unreachable"
+        message = mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise StorageError(
+            f"storage: cannot open {mask_url(storage)!r}: {message}"
+        ) from None

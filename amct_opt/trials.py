@@ -1,0 +1,172 @@
+"""The search's memory: every evaluation is a trial in a persistent Optuna study.
+
+Trial params are the layer decisions (``"int8"`` or ``"float"``, one per layer,
+named by the layer); user attributes hold the metric, loss, feasibility and
+quantized shares.  Study attributes hold what makes a re-run cheap: the float
+metric, the calibration record, the ranking, the layer costs and the
+fingerprint they belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from .objectives import OBJECTIVES, quantized_share
+from .types import EvalResult, LayerCost, Plan
+
+__all__ = ["INT8", "FLOAT", "TrialRecord", "SearchStudy", "feasibility_constraint"]
+
+INT8 = "int8"
+FLOAT = "float"
+CHOICES = (INT8, FLOAT)
+
+Judge = Callable[[float], tuple[bool, float]]
+
+
+def feasibility_constraint(trial: FrozenTrial) -> Sequence[float]:
+    """Optuna ``constraints_func``: <= 0 when the user's ``metric_eval`` said ok."""
+    return [0.0 if trial.user_attrs.get("ok", False) else 1.0]
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A completed evaluation read back from the study."""
+
+    number: int
+    plan: dict[str, bool]
+    result: EvalResult
+    share: float
+    source: str
+
+
+class SearchStudy:
+    """An Optuna study seen as a table of plan → evaluation."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        layers: Sequence[str],
+        costs: Mapping[str, LayerCost],
+        objective: str = "macs",
+        fingerprint: str | None = None,
+    ) -> None:
+        self.study = study
+        self.fingerprint = fingerprint
+        self.layers = list(layers)
+        self.costs = dict(costs)
+        self.objective = objective
+        self.distributions = {name: CategoricalDistribution(CHOICES) for name in self.layers}
+
+    # -- plans and params --------------------------------------------------
+    def params(self, plan: Plan) -> dict[str, str]:
+        return {name: INT8 if plan[name] else FLOAT for name in self.layers}
+
+    def plan_of(self, trial: FrozenTrial) -> dict[str, bool] | None:
+        if any(name not in trial.params for name in self.layers):
+            return None
+        return {name: trial.params[name] == INT8 for name in self.layers}
+
+    @staticmethod
+    def key(plan: Plan) -> tuple[bool, ...]:
+        return tuple(bool(v) for v in plan.values())
+
+    def attrs_for(self, plan: Plan, result: EvalResult) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "metric": result.metric,
+            "loss": result.loss,
+            "ok": result.ok,
+            "n_quantized": sum(bool(plan[name]) for name in self.layers),
+            "eval_seconds": round(result.duration_s, 4),
+        }
+        for objective in OBJECTIVES:
+            attrs[f"quant_share_{objective}"] = quantized_share(plan, self.costs, objective)
+        return attrs
+
+    def share(self, plan: Plan) -> float:
+        return quantized_share(plan, self.costs, self.objective)
+
+    # -- reading back ------------------------------------------------------
+    def records(self, judge: Judge | None = None) -> list[TrialRecord]:
+        """Completed, really evaluated trials (cached copies excluded), oldest first.
+
+        With ``judge``, feasibility is recomputed from the stored metric, so a
+        changed target reuses every stored evaluation.
+        """
+        out: list[TrialRecord] = []
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            attrs = trial.user_attrs
+            plan = self.plan_of(trial)
+            if plan is None or "metric" not in attrs or "cached_from" in attrs:
+                continue
+            if self.fingerprint and attrs.get("fingerprint", self.fingerprint) != self.fingerprint:
+                continue
+            ok, loss = judge(attrs["metric"]) if judge else (bool(attrs["ok"]), float(attrs["loss"]))
+            result = EvalResult(attrs["metric"], ok, loss, float(attrs.get("eval_seconds", 0.0)))
+            out.append(TrialRecord(trial.number, plan, result, self.share(plan), attrs.get("source", "")))
+        return out
+
+    def lookup(self, plan: Plan, judge: Judge | None = None) -> TrialRecord | None:
+        wanted = self.key({name: plan[name] for name in self.layers})
+        for record in self.records(judge):
+            if self.key(record.plan) == wanted:
+                return record
+        return None
+
+    def evaluated_count(self) -> int:
+        return len(self.records())
+
+    def running_duplicate(self, number: int, plan: Plan) -> bool:
+        """True when an older RUNNING or WAITING trial holds the same plan (another worker's)."""
+        wanted = self.key(plan)
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            other = self.plan_of(trial)
+            if trial.number < number and other is not None and self.key(other) == wanted:
+                return True
+        return False
+
+    def best_feasible(self, judge: Judge | None = None) -> TrialRecord | None:
+        """The feasible record with the largest share; ties go to the lower loss, then the older."""
+        feasible = [r for r in self.records(judge) if r.result.ok]
+        if not feasible:
+            return None
+        return max(feasible, key=lambda r: (round(r.share, 12), -r.result.loss, -r.number))
+
+    def pareto_front(self, judge: Judge | None = None) -> list[TrialRecord]:
+        """Records not dominated in (lower loss, larger share)."""
+        records = self.records(judge)
+        front = [
+            r
+            for r in records
+            if not any(
+                o.result.loss <= r.result.loss
+                and o.share >= r.share
+                and (o.result.loss < r.result.loss or o.share > r.share)
+                for o in records
+            )
+        ]
+        return sorted(front, key=lambda r: r.share)
+
+    # -- writing -----------------------------------------------------------
+    def enqueue(self, plan: Plan, source: str) -> None:
+        """Queue ``plan`` for the next trial, unless it is already waiting or running."""
+        wanted = self.key({name: plan[name] for name in self.layers})
+        for trial in self.study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
+        ):
+            fixed = trial.system_attrs.get("fixed_params", trial.params)
+            other = {name: fixed.get(name) == INT8 for name in self.layers}
+            if all(name in fixed for name in self.layers) and self.key(other) == wanted:
+                return
+        self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+
+    def get_attr(self, key: str, default: Any = None) -> Any:
+        return self.study.user_attrs.get(key, default)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.study.set_user_attr(key, value)
