@@ -19,7 +19,7 @@ import optuna
 from .errors import EvaluatorError
 from .progress import SearchProgress
 from .strategies.base import Proposal, SearchStrategy
-from .trials import CHOICES, INT8, Judge, SearchStudy, TrialRecord
+from .trials import CHOICES, CONSTRAINT_KEY, INT8, Judge, SearchStudy, TrialRecord, constraint_value
 from .types import EvalResult, Plan
 
 __all__ = ["EvaluationFailed", "SearchOutcome", "SearchLoop"]
@@ -92,6 +92,7 @@ class SearchLoop:
                 for key, value in self.study.attrs_for(plan, stored.result).items():
                     trial.set_user_attr(key, value)
                 trial.set_user_attr("cached_from", stored.number)
+                trial.set_constraint(CONSTRAINT_KEY, constraint_value(stored.result.ok))
                 answer.record = stored
                 self.progress.reused(trial.number, stored.number)
                 return self._returned(self.values(plan, stored.result))
@@ -106,6 +107,7 @@ class SearchLoop:
                 raise EvaluationFailed(f"model_evaluator.evaluate raised {exc!r}") from exc
             for key, value in self.study.attrs_for(plan, result).items():
                 trial.set_user_attr(key, value)
+            trial.set_constraint(CONSTRAINT_KEY, constraint_value(result.ok))
             record = TrialRecord(trial.number, plan, result, self.study.share(plan), source)
             answer.record = record
             self.evaluations += 1
@@ -138,7 +140,8 @@ class SearchLoop:
         return answer
 
     # -- the loop -------------------------------------------------------------
-    def _answer_fixed(self, proposal: Proposal) -> TrialRecord:
+    def answer(self, proposal: Proposal) -> TrialRecord:
+        """The stored result of a fixed plan, evaluating it first if needed."""
         assert proposal.plan is not None
         while True:
             stored = self.study.lookup(proposal.plan, self.judge)
@@ -167,7 +170,7 @@ class SearchLoop:
             if proposal is None:
                 break
             if proposal.plan is not None:
-                record = self._answer_fixed(proposal)
+                record = self.answer(proposal)
                 strategy.tell(record.plan, record.result)
                 continue
             before = self.evaluations

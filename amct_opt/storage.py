@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
-from optuna.storages import BaseStorage, RDBStorage, RetryFailedTrialCallback
+import optuna
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -84,13 +86,15 @@ def open_storage(storage: str | BaseStorage) -> BaseStorage:
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(
-            storage,
-            engine_kwargs=_engine_kwargs(storage),
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=GRACE_PERIOD_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                storage,
+                engine_kwargs=_engine_kwargs(storage),
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; all mean "unreachable"
         message = mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise StorageError(

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .objectives import OBJECTIVES, quantized_share
 from .types import EvalResult, LayerCost, Plan
 
-__all__ = ["INT8", "FLOAT", "TrialRecord", "SearchStudy", "feasibility_constraint"]
+__all__ = ["INT8", "FLOAT", "TrialRecord", "SearchStudy", "CONSTRAINT_KEY", "constraint_value"]
 
 INT8 = "int8"
 FLOAT = "float"
@@ -29,9 +29,12 @@ CHOICES = (INT8, FLOAT)
 Judge = Callable[[float], tuple[bool, float]]
 
 
-def feasibility_constraint(trial: FrozenTrial) -> Sequence[float]:
-    """Optuna ``constraints_func``: <= 0 when the user's ``metric_eval`` said ok."""
-    return [0.0 if trial.user_attrs.get("ok", False) else 1.0]
+#: The Optuna constraint a trial carries: <= 0 when the user's ``metric_eval`` said ok.
+CONSTRAINT_KEY = "target_missed"
+
+
+def constraint_value(ok: bool) -> float:
+    return 0.0 if ok else 1.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,23 @@ class SearchStudy:
             if all(name in fixed for name in self.layers) and self.key(other) == wanted:
                 return
         self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+
+    def set_text(self, key: str, text: str, chunk: int = 30_000) -> None:
+        """Store a long text in chunks small enough for every RDB backend's attribute column."""
+        parts = [text[i : i + chunk] for i in range(0, len(text), chunk)] or [""]
+        for index, part in enumerate(parts):
+            self.study.set_user_attr(f"{key}.{index}", part)
+        self.study.set_user_attr(f"{key}.parts", len(parts))
+
+    def get_text(self, key: str) -> str | None:
+        attrs = self.study.user_attrs
+        count = attrs.get(f"{key}.parts")
+        if not isinstance(count, int):
+            return None
+        parts = [attrs.get(f"{key}.{index}") for index in range(count)]
+        if any(not isinstance(part, str) for part in parts):
+            return None
+        return "".join(parts)  # type: ignore[arg-type]
 
     def get_attr(self, key: str, default: Any = None) -> Any:
         return self.study.user_attrs.get(key, default)

@@ -62,10 +62,22 @@ class Proposal:
 class SearchStrategy(ABC):
     """The ask/tell interface the search loop drives."""
 
-    #: Stop after this many evaluations (None: the strategy decides).
+    #: Stop when the study holds this many evaluations (None: the strategy decides).
     n_trials: int | None = None
     #: Stop after this many seconds (None: no limit).
     timeout: float | None = None
+    #: Where the study lives (None: ``amct_opt.db`` beside the outputs) and its name (None: the prefix).
+    storage: Any = None
+    study_name: str | None = None
+    #: What "quantized share" weighs: "macs", "params" or "layers".
+    objective: str = "macs"
+    #: Two objectives (loss, quantized share) and a Pareto front instead of one.
+    multi_objective: bool = False
+    seed: int | None = None
+    #: Log a line per evaluation.
+    show_progress: bool = True
+    #: Evaluations that may raise before the search gives up.
+    max_failures: int = 3
 
     @abstractmethod
     def start(self, context: SearchContext) -> None:

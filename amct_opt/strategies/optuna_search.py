@@ -1,0 +1,208 @@
+"""``strategy="optuna"``: every layer's decision is a search dimension; Optuna's samplers propose.
+
+The search spends the user's evaluations in three ways, all through ask/tell:
+
+1. a warm start: the all-quantized config, then the roll-back prefixes that
+   BinarySearch visits over the sensitivity ranking (it cannot do worse than
+   BinarySearch);
+2. ranking-guided neighbours of the best feasible config: re-quantize one of
+   its float layers, least sensitive first, larger compute first;
+3. the sampler (TPE by default; any ``optuna.samplers.BaseSampler``), which
+   sees feasibility through Optuna's ``constraints_func``.
+
+Phases 2 and 3 alternate until the budget (``n_trials`` evaluations in the
+study, or ``timeout`` seconds) is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from ..errors import StrategyError
+from ..objectives import OBJECTIVES
+from ..types import EvalResult, Plan
+from .base import Proposal, SearchContext, SearchStrategy
+from .binary_search import BinarySearch
+
+__all__ = ["OptunaSearch", "SAMPLER_NAMES", "make_sampler"]
+
+SAMPLER_NAMES = ("tpe", "gp", "nsga2", "random", "qmc", "bruteforce")
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """A sampler by name; TPE, GP and NSGA-II read the trials' feasibility constraint."""
+    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=8),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False),
+        "bruteforce": lambda: optuna.samplers.BruteForceSampler(seed=seed),
+    }
+    if name not in factories:
+        raise StrategyError(f"sampler: unknown name {name!r}; expected one of {list(SAMPLER_NAMES)}")
+    return factories[name]()
+
+
+def _check_positive(value: Any, argument: str, kind: type) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise StrategyError(f"{argument}: expected a positive {kind.__name__} or None, got {value!r}")
+
+
+class OptunaSearch(SearchStrategy):
+    """Search per-layer INT8/float decisions with an Optuna sampler in a persistent study.
+
+    Args:
+        sampler: an ``optuna.samplers.BaseSampler`` or one of "tpe", "gp",
+            "nsga2", "random", "qmc", "bruteforce" (default "tpe"; "nsga2" when
+            ``multi_objective``).
+        n_trials: stop when the study holds this many evaluations (default:
+            twice BinarySearch's bound, ``2 * (floor(log2 n) + 2) + 1``).
+        timeout: stop after this many seconds of this run.
+        storage: a SQLAlchemy URL or an Optuna storage (default: ``amct_opt.db``
+            beside the outputs).
+        study_name: default: the output prefix.
+        seed: makes the sampler and thus the search reproducible.
+        objective: what the quantized share weighs: "macs", "params" or "layers".
+        multi_objective: minimize loss and maximize the share; the study keeps a Pareto front.
+        warm_start: begin with BinarySearch's configs.
+        show_progress: log a line per evaluation.
+        max_failures: evaluations that may raise before the search gives up.
+    """
+
+    def __init__(
+        self,
+        sampler: optuna.samplers.BaseSampler | str | None = None,
+        n_trials: int | None = None,
+        timeout: float | None = None,
+        storage: Any = None,
+        study_name: str | None = None,
+        seed: int | None = None,
+        objective: str = "macs",
+        multi_objective: bool = False,
+        warm_start: bool = True,
+        show_progress: bool = True,
+        max_failures: int = 3,
+    ) -> None:
+        if sampler is not None and not isinstance(sampler, (str, optuna.samplers.BaseSampler)):
+            raise StrategyError(
+                f"sampler: expected an optuna.samplers.BaseSampler or a name in {list(SAMPLER_NAMES)}, "
+                f"got {type(sampler).__name__}"
+            )
+        if isinstance(sampler, str) and sampler not in SAMPLER_NAMES:
+            raise StrategyError(f"sampler: unknown name {sampler!r}; expected one of {list(SAMPLER_NAMES)}")
+        _check_positive(n_trials, "n_trials", int)
+        _check_positive(timeout, "timeout", (int, float))  # type: ignore[arg-type]
+        if objective not in OBJECTIVES:
+            raise StrategyError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
+        if storage is not None and not isinstance(storage, (str, optuna.storages.BaseStorage)):
+            raise StrategyError(f"storage: expected a SQLAlchemy URL or an optuna storage, got {storage!r}")
+        if study_name is not None and (not isinstance(study_name, str) or not study_name):
+            raise StrategyError(f"study_name: expected a non-empty string, got {study_name!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise StrategyError(f"seed: expected an int or None, got {seed!r}")
+        if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+            raise StrategyError(f"max_failures: expected an int >= 0, got {max_failures!r}")
+        self.sampler = sampler
+        self.n_trials = n_trials
+        self.timeout = timeout
+        self.storage = storage
+        self.study_name = study_name
+        self.seed = seed
+        self.objective = objective
+        self.multi_objective = bool(multi_objective)
+        self.warm_start = bool(warm_start)
+        self.show_progress = bool(show_progress)
+        self.max_failures = max_failures
+        self._sampler: optuna.samplers.BaseSampler | None = None
+        self._context: SearchContext | None = None
+        self._binary: BinarySearch | None = None
+        self._last: tuple[bool, float] = (False, 0.0)
+        self._incumbent: dict[str, bool] | None = None
+        self._incumbent_share = -1.0
+        self._tried: set[tuple[bool, ...]] = set()
+        self._turn = 0
+
+    # -- study wiring ------------------------------------------------------
+    def study_sampler(self) -> optuna.samplers.BaseSampler:
+        if self._sampler is None:
+            if isinstance(self.sampler, optuna.samplers.BaseSampler):
+                self._sampler = self.sampler
+            else:
+                default = "nsga2" if self.multi_objective else "tpe"
+                self._sampler = make_sampler(self.sampler or default, self.seed)
+        return self._sampler
+
+    @staticmethod
+    def default_budget(n_layers: int) -> int:
+        """Twice BinarySearch's bound (floor(log2 n) + 2), plus the all-quantized config."""
+        return 2 * (int(math.log2(max(n_layers, 1))) + 2) + 1
+
+    # -- ask / tell --------------------------------------------------------
+    def start(self, context: SearchContext) -> None:
+        self._context = context
+        if self.n_trials is None and self.timeout is None:
+            self.n_trials = self.default_budget(len(context.layers))
+        if self.warm_start:
+            self._binary = BinarySearch()
+            self._binary.initialize(dict(context.ranking.scores))
+            self._last = (context.all_quant.ok, context.all_quant.loss)
+        self.tell(dict.fromkeys(context.layers, True), context.all_quant)
+        for plan, result in context.history:
+            self.tell(plan, result)
+
+    def _share(self, plan: Plan) -> float:
+        assert self._context is not None
+        costs = self._context.costs
+        weights = {
+            name: (costs[name].macs if self.objective == "macs" else
+                   costs[name].params if self.objective == "params" else 1)
+            for name in self._context.layers
+        }
+        total = sum(weights.values()) or 1
+        return sum(weights[name] for name, on in plan.items() if on) / total
+
+    def _key(self, plan: Plan) -> tuple[bool, ...]:
+        assert self._context is not None
+        return tuple(bool(plan[name]) for name in self._context.layers)
+
+    def _neighbour(self) -> dict[str, bool] | None:
+        """The incumbent with one more layer quantized, least sensitive and largest first."""
+        if self._incumbent is None or self._context is None:
+            return None
+        scores = self._context.ranking.scores
+        costs = self._context.costs
+        floats = [name for name, on in self._incumbent.items() if not on]
+        for name in sorted(floats, key=lambda n: (-scores[n], -costs[n].macs, n)):
+            plan = dict(self._incumbent)
+            plan[name] = True
+            if self._key(plan) not in self._tried:
+                return plan
+        return None
+
+    def ask(self) -> Proposal | None:
+        if self._binary is not None:
+            answer = self._binary.update_quant_config(self._last)
+            if not answer["stop_flag"]:
+                return Proposal(dict(answer["roll_back_config"]), "warm_start:binary_search")
+            self._binary = None
+        self._turn += 1
+        if self._turn % 2 == 1:
+            neighbour = self._neighbour()
+            if neighbour is not None:
+                return Proposal(neighbour, "ranking_neighbour")
+        return Proposal(None, "sampler")
+
+    def tell(self, plan: Plan, result: EvalResult) -> None:
+        self._last = (result.ok, result.loss)
+        full = dict(plan)
+        self._tried.add(self._key(full))
+        share = self._share(full)
+        if result.ok and share > self._incumbent_share:
+            self._incumbent, self._incumbent_share = full, share
