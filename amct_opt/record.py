@@ -144,7 +144,8 @@ class _Parser:
             elif kind not in ("space", "comment"):
                 tokens.append(_Token(kind, match.group(), line))
             pos = match.end()
-        tokens.append(_Token("end", "", line))
+        last_line = max(1, text.count("\n") + (not text.endswith("\n")))
+        tokens.append(_Token("end", "", last_line))
         return tokens
 
     def next(self) -> _Token:

@@ -1,0 +1,39 @@
+"""Removal of the ``amct_opt::LayerOutput`` markers left by the trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from ._graph import Graph
+from ._trace import MARKER_DOMAIN, MARKER_OP, OutputRange
+
+__all__ = ["LayerOutput", "strip_markers"]
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """The output tensor of one call of a quantized layer, and its observed range (if any)."""
+
+    layer: str
+    tensor: str
+    out_range: OutputRange | None
+
+
+def strip_markers(graph: Graph) -> list[LayerOutput]:
+    """Remove every marker node; return what they marked, named as in the edited graph."""
+    found: list[tuple[str, OutputRange | None, onnx.NodeProto]] = []
+    for node in list(graph.nodes):
+        if node.domain != MARKER_DOMAIN or node.op_type != MARKER_OP:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        out_range = OutputRange(attrs["lo"].f, attrs["hi"].f) if "lo" in attrs and "hi" in attrs else None
+        found.append((attrs["layer"].s.decode(), out_range, node))
+    outputs = []
+    for layer, out_range, node in found:
+        outputs.append(LayerOutput(layer, graph.bypass(node), out_range))
+    opsets = [o for o in graph.model.opset_import if o.domain != MARKER_DOMAIN]
+    del graph.model.opset_import[:]
+    graph.model.opset_import.extend(opsets)
+    return outputs

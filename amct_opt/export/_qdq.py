@@ -1,0 +1,93 @@
+"""QuantizeLinear/DequantizeLinear parameters read from, and written into, a :class:`Graph`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..fake_quant import QMAX, QMIN
+from ._graph import Graph
+
+__all__ = ["QParams", "qparams", "quantize_array", "asymmetric_qparams", "add_qdq"]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale, zero point and (per-axis only) axis of one Q or DQ node."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.ndim == 0
+
+    def same_as(self, other: QParams) -> bool:
+        return (
+            self.axis == other.axis
+            and self.scale.shape == other.scale.shape
+            and self.zero_point.dtype == other.zero_point.dtype
+            and bool(np.array_equal(self.scale, other.scale))
+            and bool(np.array_equal(self.zero_point, other.zero_point))
+        )
+
+    def real_range(self) -> tuple[float, float]:
+        """The real interval a per-tensor int8 quantizer represents (float32 arithmetic, as ORT)."""
+        zp = np.float32(self.zero_point)
+        scale = np.float32(self.scale)
+        return float(scale * (np.float32(QMIN) - zp)), float(scale * (np.float32(QMAX) - zp))
+
+
+def qparams(graph: Graph, node: onnx.NodeProto) -> QParams | None:
+    """The constant int8 parameters of a Q/DQ node, or None (non-constant, non-int8, or no zero point)."""
+    if len(node.input) < 3:
+        return None
+    scale, zero_point = graph.array(node.input[1]), graph.array(node.input[2])
+    if scale is None or zero_point is None or zero_point.dtype != np.int8:
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.ndim == 1 else None
+    return QParams(scale.astype(np.float32), zero_point, axis)
+
+
+def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    if axis is None:
+        return values
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return values.reshape(shape)
+
+
+def quantize_array(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """ONNX QuantizeLinear to int8 (division, round half to even, saturate)."""
+    scale = _broadcast(qp.scale, qp.axis, x.ndim)
+    zero_point = _broadcast(qp.zero_point.astype(np.float32), qp.axis, x.ndim)
+    q = np.round(x.astype(np.float32) / scale) + zero_point
+    return np.clip(q, QMIN, QMAX).astype(np.int8)
+
+
+def asymmetric_qparams(lo: float, hi: float) -> QParams:
+    """Per-tensor int8 parameters covering [lo, hi] (widened to include 0), never exceeding it.
+
+    The scale is nudged down by float32 ulps until ``scale * (127 - zp) <= hi`` so
+    that a Relu/Clip whose bounds are [lo, hi] stays provably redundant.
+    """
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32(max((hi - lo) / (QMAX - QMIN), np.finfo(np.float32).tiny))
+    zero_point = int(np.clip(np.round(QMIN - lo / scale), QMIN, QMAX))
+    while hi > 0 and scale * np.float32(QMAX - zero_point) > np.float32(hi):
+        scale = np.nextafter(scale, np.float32(0))
+    return QParams(np.array(scale, np.float32), np.array(zero_point, np.int8), None)
+
+
+def add_qdq(graph: Graph, source: str, target: str, qp: QParams, hint: str) -> onnx.NodeProto:
+    """Add ``target = DequantizeLinear(QuantizeLinear(source))``; return the Q node."""
+    scale = graph.add_initializer(qp.scale, f"{hint}_scale")
+    zero_point = graph.add_initializer(qp.zero_point, f"{hint}_zero_point")
+    quantized = graph.fresh(f"{hint}_quantized")
+    attrs = {} if qp.axis is None else {"axis": qp.axis}
+    q = graph.add_node("QuantizeLinear", [source, scale, zero_point], [quantized], f"{hint}_QuantizeLinear", **attrs)
+    graph.add_node("DequantizeLinear", [quantized, scale, zero_point], [target], f"{hint}_DequantizeLinear", **attrs)
+    return q
