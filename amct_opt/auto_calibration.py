@@ -19,13 +19,13 @@ from typing import Any
 
 from torch import nn
 
-from . import __version__
 from .auto_calibration_setup import RunSetup, prepare_run
-from .outputs import write_json
+from .outputs import write_json, write_ranking
 from .progress import SearchProgress
 from .search_loop import SearchLoop
 from .sensitivity import score_layers
 from .strategies.base import Proposal, SearchContext
+from .trial_export import write_plan_outputs
 from .run_logging import log_to_file
 from .types import EvalResult, Plan, Ranking
 
@@ -77,13 +77,25 @@ class AutoCalibrationResult:
 
 
 def _rank(setup: RunSetup) -> Ranking:
-    stored = setup.study.get_attr("ranking")
-    if isinstance(stored, dict) and set(stored) == set(setup.layers):
+    """Ranked by one worker (the setup lease holder), published in the study, reused by all."""
+
+    def stored() -> Ranking | None:
+        scores = setup.study.get_attr("ranking")
+        if isinstance(scores, dict) and set(scores) == set(setup.layers):
+            return Ranking({name: float(scores[name]) for name in setup.layers})
+        return None
+
+    def compute() -> Ranking:
+        logger.info(
+            "ranking %d layers by %s sensitivity", len(setup.layers), type(setup.sensitivity).__name__
+        )
+        ranking = score_layers(setup.qmodel, setup.runner.calibrate, setup.sensitivity)
+        setup.study.set_attr("ranking", ranking.scores)
+        return ranking
+
+    ranking, computed = setup.coordinator.once("sensitivity ranking", stored, compute)
+    if not computed:
         logger.info("sensitivity ranking reused from the study")
-        return Ranking({name: float(stored[name]) for name in setup.layers})
-    logger.info("ranking %d layers by %s sensitivity", len(setup.layers), type(setup.sensitivity).__name__)
-    ranking = score_layers(setup.qmodel, setup.runner.calibrate, setup.sensitivity)
-    setup.study.set_attr("ranking", ranking.scores)
     return ranking
 
 
@@ -113,22 +125,9 @@ def _finish(setup: RunSetup, plan: Plan | None) -> tuple[bool, EvalResult | None
             "(stored evaluations are reused)."
         )
         return False, None
-    from .export import export_models
-
-    setup.qmodel.set_plan(plan)
-    export_models(
-        setup.qmodel, str(paths.directory / paths.prefix), setup.inputs,
-        setup.input_names, setup.output_names, setup.dynamic_axes,
-    )
-    write_json(paths.final_config, setup.config.with_plan(plan).to_dict())
-    write_json(
-        paths.fusion_info,
-        {
-            "version": __version__,
-            "fusions": [{"layer": p.conv, "fused": [p.conv, p.bn]} for p in setup.fusions],
-            "quantized_layers": [name for name, on in plan.items() if on],
-            "float_layers": [name for name, on in plan.items() if not on],
-        },
+    write_plan_outputs(
+        setup.qmodel, plan, paths, setup.inputs, setup.input_names, setup.output_names,
+        setup.dynamic_axes, setup.config, setup.fusions,
     )
     record = setup.study.lookup(plan, setup.judge)
     return True, None if record is None else record.result
@@ -158,8 +157,11 @@ def accuracy_based_auto_calibration(
         model, model_evaluator, config_file, record_file, save_dir, input_data,
         input_names, output_names, dynamic_axes, strategy, sensitivity,
     )
-    with log_to_file(setup.paths.log_file, console=setup.search.show_progress):
-        return _run(setup)
+    try:
+        with log_to_file(setup.paths.log_file, console=setup.search.show_progress):
+            return _run(setup)
+    finally:
+        setup.coordinator.close()
 
 
 def _run(setup: RunSetup) -> AutoCalibrationResult:
@@ -168,10 +170,13 @@ def _run(setup: RunSetup) -> AutoCalibrationResult:
     loop = SearchLoop(
         study, setup.evaluate, setup.judge, progress, fingerprint=setup.fingerprint,
         multi_objective=search.multi_objective, max_failures=search.max_failures,
+        coordinator=setup.coordinator,
     )
     all_quant_plan = dict.fromkeys(setup.layers, True)
     try:
-        all_quant = loop.answer(Proposal(all_quant_plan, "all_quant")).result
+        answered = loop.answer(Proposal(all_quant_plan, "all_quant"))
+        assert answered is not None  # no budget applies before the search
+        all_quant = answered.result
         study.set_attr("all_quant_metric", all_quant.metric)
         logger.info("all-INT8 metric %.6g (loss %.6g): %s", all_quant.metric, all_quant.loss,
                     "meets the target" if all_quant.ok else "fails the target")
@@ -179,7 +184,7 @@ def _run(setup: RunSetup) -> AutoCalibrationResult:
         final: Plan | None = all_quant_plan
         if not all_quant.ok:
             ranking = _rank(setup)
-            write_json(setup.paths.ranking, ranking.as_pairs())
+            write_ranking(setup.paths.ranking, ranking.as_pairs())
             history = [(r.plan, r.result) for r in study.records(setup.judge)]
             search.start(SearchContext(
                 ranking.most_sensitive_first(), ranking, setup.costs, search.objective, all_quant, history,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,20 +20,22 @@ from . import __version__
 from .calibration import calibrate
 from .config import QuantConfig
 from .cost import measure_layer_costs
-from .errors import ConfigError, EvaluatorError, InputError, StorageError, UnsupportedModelError
+from .distributed import Coordinator
+from .errors import AmctError, ConfigError, EvaluatorError, InputError, StorageError, UnsupportedModelError
 from .evaluator import EvaluatorRunner
 from .fingerprint import combine, model_fingerprint
 from .fusion import FusionPair, find_conv_bn_pairs, fold_conv_bn
 from .layers import find_quantizable_layers
 from .objectives import check_objective
-from .outputs import OutputPaths, as_input_tuple, resolve_outputs
+from .outputs import NewFiles, OutputPaths, as_input_tuple, resolve_outputs
 from .quant_model import QuantizedModel, build_quantized_model
 from .record import record_from_text, record_to_text, write_record
+from .run_logging import log_to_file
 from .sensitivity import SensitivityBase, resolve_sensitivity
 from .storage import default_storage_url, describe_storage, mask_secrets, open_storage
 from .strategies import SearchStrategy, resolve_strategy
 from .trials import SearchStudy
-from .types import EvalResult, LayerCost, Plan
+from .types import EvalResult, LayerCost, Plan, Record
 
 __all__ = ["RunSetup", "prepare_run", "validate_dynamic_axes"]
 
@@ -59,6 +62,8 @@ class RunSetup:
     costs: dict[str, LayerCost]
     fusions: list[FusionPair]
     qmodel: QuantizedModel
+    #: The leases this worker holds in the study; closed when the run ends.
+    coordinator: Coordinator
     float_metric: float = 0.0
 
     def judge(self, metric: float) -> tuple[bool, float]:
@@ -81,8 +86,11 @@ def validate_dynamic_axes(dynamic_axes: Any, input_names: Any, output_names: Any
 
 def _open_study(search: SearchStrategy, paths: OutputPaths) -> tuple[optuna.Study, str]:
     storage_arg = search.storage or default_storage_url(paths.directory)
-    storage = open_storage(storage_arg)
     label = describe_storage(storage_arg)
+    try:
+        storage = open_storage(storage_arg)
+    except OSError as exc:  # e.g. a sqlite:/// path under a regular file
+        raise StorageError(f"storage: cannot open {label}: {exc}") from None
     name = search.study_name or paths.prefix
     sampler = search.study_sampler() or optuna.samplers.TPESampler(seed=search.seed)
     directions = ["minimize", "maximize"] if search.multi_objective else ["maximize"]
@@ -107,35 +115,48 @@ def _open_study(search: SearchStrategy, paths: OutputPaths) -> tuple[optuna.Stud
 
 
 def _float_metric(setup: RunSetup, model: nn.Module) -> float:
-    stored = setup.study.get_attr("float_metric")
-    if isinstance(stored, (int, float)):
-        logger.info("float metric %.6g reused from the study", stored)
-        metric = float(stored)
-    else:
+    """Evaluated by one worker (the setup lease holder), published in the study, reused by all."""
+
+    def stored() -> float | None:
+        value = setup.study.get_attr("float_metric")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def compute() -> float:
         metric = setup.runner.metric(model)
         logger.info("float metric %.6g", metric)
+        setup.study.set_attr("float_metric", metric)
+        return metric
+
+    metric, computed = setup.coordinator.once("float metric", stored, compute)
+    if not computed:
+        logger.info("float metric %.6g reused from the study", metric)
     ok, loss = setup.runner.judge(metric, metric)
     if not ok:
         raise EvaluatorError(
             f"model_evaluator.metric_eval: metric_eval(orig, orig) with orig={metric!r} returned "
             f"(False, {loss!r}); the float model must meet its own target"
         )
-    setup.study.set_attr("float_metric", metric)
     return metric
 
 
 def _calibrate(setup: RunSetup, folded: nn.Module) -> QuantizedModel:
-    text = setup.study.get_text("record")
-    if text is not None:
-        record = record_from_text(text)
-        if set(record) == set(setup.layers):
-            logger.info("calibration reused from the study (fingerprint %s)", setup.fingerprint)
-            write_record(setup.paths.record_file, record)
-            return build_quantized_model(folded, record)
-    logger.info("calibrating %d layers", len(setup.layers))
-    record = calibrate(folded, setup.config, setup.runner.calibrate)
+    """Calibrated by one worker (the setup lease holder), published in the study, reused by all."""
+
+    def stored() -> Record | None:
+        text = setup.study.get_text("record")
+        record = None if text is None else record_from_text(text)
+        return record if record is not None and set(record) == set(setup.layers) else None
+
+    def compute() -> Record:
+        logger.info("calibrating %d layers", len(setup.layers))
+        record = calibrate(folded, setup.config, setup.runner.calibrate)
+        setup.study.set_text("record", record_to_text(record))
+        return record
+
+    record, computed = setup.coordinator.once("calibration", stored, compute)
+    if not computed:
+        logger.info("calibration reused from the study (fingerprint %s)", setup.fingerprint)
     write_record(setup.paths.record_file, record)
-    setup.study.set_text("record", record_to_text(record))
     return build_quantized_model(folded, record)
 
 
@@ -172,23 +193,78 @@ def prepare_run(
     except Exception as exc:  # noqa: BLE001 - a forward failure means the input does not fit
         raise InputError(f"input_data: the model cannot run on it ({type(exc).__name__}: {exc})") from None
 
-    study, label = _open_study(search, paths)
-    fingerprint = combine(
-        __version__, model_fingerprint(model), config.fingerprint(),
-        [tuple(t.shape) for t in inputs], type(sens).__qualname__,
-    )
+    storage_files = _sqlite_files(search.storage or default_storage_url(paths.directory))
+    new_files = NewFiles([paths.record_file, paths.log_file, *storage_files])
+    opened: list[optuna.Study] = []
+    try:
+        with log_to_file(paths.log_file, console=search.show_progress):
+            return _start(model, runner, config, layers, paths, inputs, (input_names, output_names, dynamic_axes),
+                          search, sens, pairs, folded, costs, opened)
+    except AmctError:
+        # Bad input found by the float evaluation or calibration: leave no partial outputs.
+        # A new study file is kept only when another worker has started using it meanwhile.
+        new_files.remove(keep=storage_files if opened and not _unused(opened[0]) else ())
+        raise
+
+
+def _sqlite_files(storage: Any) -> list[Path]:
+    """The SQLite file of a ``sqlite:///`` URL, with its journal files; [] for other storages."""
+    if not isinstance(storage, str) or not storage.startswith("sqlite:///"):
+        return []
+    path = Path(storage[len("sqlite:///"):])
+    return [path, *(path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm"))]
+
+
+def _unused(study: optuna.Study) -> bool:
+    """True when the study holds no trial and no other worker holds a lease in it."""
+    leases = [key for key in study.user_attrs if key.startswith("lease:")]
+    return not leases and not study.get_trials(deepcopy=False)
+
+
+def _fingerprint_parts(model: nn.Module, config: QuantConfig, inputs: tuple[Any, ...],
+                       sens: SensitivityBase) -> dict[str, str]:
+    """What the stored float metric, calibration and ranking depend on, one short digest each."""
+    return {
+        "amct_opt version": __version__,
+        "model weights": combine(model_fingerprint(model)),
+        "quant config": combine(config.fingerprint()),
+        "input shapes": str([tuple(t.shape) for t in inputs]),
+        "sensitivity": type(sens).__qualname__,
+    }
+
+
+def _check_fingerprint(study: optuna.Study, parts: dict[str, str]) -> str:
+    """The run's fingerprint; a study made for another one has its stored stages cleared, saying why."""
+    fingerprint = combine(*parts.values())
     stored = study.user_attrs.get("fingerprint")
     if stored != fingerprint:
         if stored is not None:
+            before = study.user_attrs.get("fingerprint_parts")
+            changed = [k for k in parts if not isinstance(before, dict) or before.get(k) != parts[k]]
             logger.info(
-                "study %r was made for another model, config or input shape (fingerprint %s, now "
-                "%s): recomputing the float metric, calibration and ranking; its earlier trials "
-                "are kept but not reused", study.study_name, stored, fingerprint,
+                "study %r was made for another run: the %s changed (fingerprint %s, now %s). "
+                "Recomputing the float metric, calibration and ranking; earlier trials are kept "
+                "but not reused", study.study_name, " and the ".join(changed), stored, fingerprint,
             )
         for key in ("float_metric", "all_quant_metric", "ranking", "record.parts"):
             if key in study.user_attrs:
                 study.set_user_attr(key, None)
+        study.set_user_attr("fingerprint_parts", parts)
         study.set_user_attr("fingerprint", fingerprint)
+    return fingerprint
+
+
+def _start(
+    model: nn.Module, runner: EvaluatorRunner, config: QuantConfig, layers: list[str], paths: OutputPaths,
+    inputs: tuple[Any, ...], names: tuple[Any, Any, Any], search: SearchStrategy, sens: SensitivityBase,
+    pairs: list[FusionPair], folded: nn.Module, costs: dict[str, LayerCost], opened: list[optuna.Study],
+) -> RunSetup:
+    """Open the study (appended to ``opened``), then evaluate the float model and calibrate, or reuse both."""
+    study, label = _open_study(search, paths)
+    opened.append(study)
+    fingerprint = _check_fingerprint(study, _fingerprint_parts(model, config, inputs, sens))
+    coordinator = Coordinator(study)
+    input_names, output_names, dynamic_axes = names
     setup = RunSetup(
         runner=runner, config=config, paths=paths, inputs=inputs,
         input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
@@ -196,9 +272,15 @@ def prepare_run(
         study=SearchStudy(study, layers, {n: costs[n] for n in layers}, search.objective, fingerprint),
         storage_label=label, fingerprint=fingerprint, layers=layers,
         costs=costs, fusions=pairs, qmodel=None,  # type: ignore[arg-type]
+        coordinator=coordinator,
     )
-    setup.float_metric = _float_metric(setup, model)
-    setup.qmodel = _calibrate(setup, folded)
+    try:
+        coordinator.join()
+        setup.float_metric = _float_metric(setup, model)
+        setup.qmodel = _calibrate(setup, folded)
+    except BaseException:
+        coordinator.close()  # another worker takes over at once
+        raise
     study.set_user_attr("layers", layers)
     study.set_user_attr("costs", {n: [costs[n].macs, costs[n].params] for n in layers})
     return setup

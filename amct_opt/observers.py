@@ -1,44 +1,31 @@
 """Calibration observers: IFMR and HFMG for activations, ARQ for weights.
 
-All factors follow :mod:`amct_opt.fake_quant`: int8 in [-128, 127], ``q =
-clamp(round_half_even(x / scale) + offset)``, and every range holds 0, so 0 is
-exactly representable.
+Factors follow :mod:`amct_opt.fake_quant` (int8, ``q = clamp(round_half_even(x / scale) + offset)``)
+and every range holds 0.  :func:`symmetric_params` / :func:`asymmetric_params`, used by all of them:
 
-Scale conventions (shared by every observer through :func:`symmetric_params`
-and :func:`asymmetric_params`):
+* round scales to float32, as ONNX stores them, so record, fake-quant and export agree bit for bit;
+* give an all-zero range scale 1.0 (ONNX Runtime's choice): 0 stays exact and the next layer's int32
+  bias ``b / (scale_w * scale_d)`` stays in range, which a tiny scale would break;
+* floor any other scale at :data:`MIN_SCALE` (2**-32), a normal float32 with a finite reciprocal.
 
-* scales are rounded to float32, the precision ONNX stores them in, so the
-  record file, fake-quant and the exported model use the very same number;
-* an all-zero range gets scale ``1.0``: any scale reproduces 0 exactly, and
-  1.0 (ONNX Runtime's own choice) keeps the int32 bias ``b / (scale_w *
-  scale_d)`` of the following layer in range, which a tiny scale would not;
-* any other range gets at least :data:`MIN_SCALE` (2**-32), a normal float32
-  whose reciprocal is finite.
+IFMR keeps a bounded deterministic subsample (every ``stride``-th element; the stride doubles when
+the cap would be passed) and the exact global min/max.  ``compute()`` starts from the percentiles
+and searches the clip ends ``start * s`` for ``s`` in ``search_range`` by ``search_step``, never
+beyond the observed [min, max]: the bound when symmetric; max and min in turn (coordinate descent)
+when asymmetric, which beats the reference's max-only search on skewed data.  A candidate's MSE is
+read off a 16384-bin histogram of the searched region (plus one bin per tail) that keeps each bin's
+count and mean: exact except in bins straddling a rounding boundary, and O(bins) per candidate.
 
-IFMR keeps a bounded, deterministic subsample of the calibration data (every
-``stride``-th element, the stride doubling whenever the cap would be passed)
-plus the exact global min/max.  ``compute()`` takes the percentile start values
-from that sample and then searches the clip ends over ``search_range`` by
-``search_step``: the max alone for symmetric factors; for asymmetric ones max
-and min alternately (coordinate descent, at most three rounds), which beats the
-reference's max-only search on skewed data.  Candidates never leave the
-observed [min, max].  The MSE of a candidate is computed on a 16384-bin
-histogram of the sample over the searched region that keeps each bin's count
-and mean, plus one bin each for the tails: the error is exact for every bin
-that does not straddle a rounding boundary, and the search costs O(bins) per
-candidate instead of O(samples).
-
-HFMG keeps ``num_of_bins`` counts.  A batch outside the current range widens
-it by an integer factor with edges aligned on the old ones, so each old bin
-falls whole into one new bin and merging loses nothing but resolution (the
-data always spans at least half the bins).  ``compute()`` scores a clip range
-by the expected squared error of every bin, its count spread uniformly over
-the bin, integrated in closed form; both ends (or the symmetric bound) are
-searched over the bin edges, coarse-to-fine.
+HFMG keeps ``num_of_bins`` counts.  A batch beyond the range widens it by an integer factor with
+edges on old edges, so old bins merge whole (no smearing) and the data fills at least half the
+bins.  ``compute()`` scores a clip range by each bin's expected squared error, its count uniform
+over the bin, integrated in closed form, and searches both ends (or the bound) over the bin edges,
+coarse-to-fine.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -65,7 +52,7 @@ __all__ = [
 MIN_SCALE = 2.0**-32
 ZERO_RANGE_SCALE = 1.0
 _IFMR_BINS = 1 << 14
-_COARSE = 64  # candidates of the first, coarse stage of a search over bin edges
+_COARSE = 32  # candidates scored per coarse stage of a search over bin edges
 _MAX_ROUNDS = 3  # rounds (a max turn and a min turn each) of the coordinate search
 _TOPK_LIMIT = 1 << 12  # order statistics this close to an end use topk, not kthvalue
 
@@ -75,7 +62,7 @@ QParams = tuple[float, int]
 def _finish_scale(raw: float) -> float:
     if raw == 0.0:
         return ZERO_RANGE_SCALE
-    return max(struct.unpack("f", struct.pack("f", raw))[0], MIN_SCALE)
+    return max(float(struct.unpack("f", struct.pack("f", raw))[0]), MIN_SCALE)
 
 
 def symmetric_params(bound: float) -> QParams:
@@ -149,25 +136,32 @@ class _RangeObserver:
         return symmetric_params(max(-lo, hi))
 
 
-def _best(cands: Sequence[float], current: float, cost: Callable[[list[float]], torch.Tensor]) -> float:
-    """The candidate (or ``current``) of lowest cost; ``cands`` sorted ascending.
+def _best(
+    cands: Sequence[float],
+    current: float,
+    to_params: Callable[[float], QParams],
+    cost: Callable[[list[QParams]], torch.Tensor],
+) -> float:
+    """The candidate (or ``current``) whose ``to_params`` costs least; ``cands`` sorted ascending.
 
-    More than ``2 * _COARSE`` candidates are searched coarse-to-fine: an evenly
-    spaced subset first, then every candidate between the best one's neighbours.
+    While more than ``2 * _COARSE`` candidates are left, an evenly spaced subset
+    of them is scored and only those between the best one's neighbours are kept.
     """
-    if len(cands) <= 2 * _COARSE:
-        stage = [current, *cands]
-        return stage[int(torch.argmin(cost(stage)))]
-    last = len(cands) - 1
-    grid = sorted({round(i * last / (_COARSE - 1)) for i in range(_COARSE)})
-    costs = cost([current] + [cands[g] for g in grid])
-    b = int(torch.argmin(costs[1:]))
-    window = [current, *cands[grid[max(b - 1, 0)] : grid[min(b + 1, len(grid) - 1)] + 1]]
-    return window[int(torch.argmin(cost(window)))]
+
+    def costs(stage: Sequence[float]) -> torch.Tensor:
+        return cost([to_params(c) for c in stage])
+
+    while len(cands) > 2 * _COARSE:
+        last = len(cands) - 1
+        grid = sorted({round(i * last / (_COARSE - 1)) for i in range(_COARSE)})
+        b = int(torch.argmin(costs([cands[g] for g in grid])))
+        cands = cands[grid[max(b - 1, 0)] : grid[min(b + 1, len(grid) - 1)] + 1]
+    stage = [current, *cands]
+    return stage[int(torch.argmin(costs(stage)))]
 
 
 def _clip_search(
-    observer: _RangeObserver,
+    asymmetric: bool,
     lo0: float,
     hi0: float,
     lo_cands: Sequence[float],
@@ -178,16 +172,15 @@ def _clip_search(
 
     Symmetric candidates are ``hi_cands`` (bounds); ``lo_cands`` is used only when asymmetric.
     """
-    if not observer.params.asymmetric:
-        bound = _best(hi_cands, hi0, lambda bs: cost([symmetric_params(b) for b in bs]))
-        return symmetric_params(bound)
+    if not asymmetric:
+        return symmetric_params(_best(hi_cands, hi0, symmetric_params, cost))
     lo, hi = lo0, hi0
     for turn in range(2 * _MAX_ROUNDS):  # max, min, max, ...; done when a turn changes nothing
         if turn % 2 == 0:
-            new = _best(hi_cands, hi, lambda hs: cost([asymmetric_params(lo, h) for h in hs]))
+            new = _best(hi_cands, hi, functools.partial(asymmetric_params, lo), cost)
             changed, hi = new != hi, new
         else:
-            new = _best(lo_cands, lo, lambda ls: cost([asymmetric_params(v, hi) for v in ls]))
+            new = _best(lo_cands, lo, functools.partial(asymmetric_params, hi=hi), cost)
             changed, lo = new != lo, new
         if turn and not changed:
             break
@@ -277,7 +270,9 @@ class IFMRObserver(_RangeObserver):
         if hi_h <= lo_h:  # a single value: nothing to search
             return self._params(lo0, hi0)
         means, counts = _bin_moments(data, lo_h, hi_h, _IFMR_BINS)
-        return _clip_search(self, lo0, hi0, lo_cands, hi_cands, lambda qps: _binned_sq_error(means, counts, qps))
+        return _clip_search(
+            p.asymmetric, lo0, hi0, lo_cands, hi_cands, lambda qps: _binned_sq_error(means, counts, qps)
+        )
 
 
 def _bin_moments(data: torch.Tensor, lo: float, hi: float, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +368,12 @@ class HFMGObserver(_RangeObserver):
             lo_cands = []
         clipped, weights = edges.clamp(dmin, dmax), counts.double()
         return _clip_search(
-            self, lo0, hi0, lo_cands, hi_cands, lambda qps: _expected_sq_error(clipped, weights, qps)
+            self.params.asymmetric,
+            lo0,
+            hi0,
+            lo_cands,
+            hi_cands,
+            lambda qps: _expected_sq_error(clipped, weights, qps),
         )
 
 
@@ -383,21 +383,20 @@ def _expected_sq_error(edges: torch.Tensor, counts: torch.Tensor, qparams: list[
     offset = torch.tensor([o for _, o in qparams], dtype=torch.float64).unsqueeze(1)
     gmin, gmax, half = (QMIN - offset) * scale, (QMAX - offset) * scale, scale / 2
     lo_sat, hi_sat = gmin + half, gmax - half  # below / above these every value clamps
-    # G(t): an antiderivative of (t - qdq(t))**2, zero at lo_sat; three pieces, each clamped.
-    low = ((torch.minimum(edges, lo_sat) - gmin) ** 3 - half**3) / 3
-    steps = (edges.clamp(min=lo_sat, max=hi_sat) - lo_sat) / scale
+    # 3 * G(t), G an antiderivative of (t - qdq(t))**2 that is 0 at lo_sat, in three clamped pieces:
+    # (t - gmin)**3 below lo_sat, a sawtooth of s**3/12 per step between, (t - gmax)**3 above hi_sat.
+    low = torch.minimum(edges, lo_sat).sub_(gmin).pow_(3).sub_(half**3)
+    high = torch.maximum(edges, hi_sat).sub_(gmax).pow_(3).add_(half**3)
+    steps = edges.clamp(min=lo_sat, max=hi_sat).sub_(lo_sat).div_(scale)
     whole = steps.floor()
-    frac = steps - whole
-    mid = scale**3 * (whole / 12 + ((frac - 0.5) ** 3 + 0.125) / 3)
-    high = ((torch.maximum(edges, hi_sat) - gmax) ** 3 + half**3) / 3
-    antider = low + mid + high
+    antider = steps.sub_(whole).sub_(0.5).pow_(3).add_(0.125).add_(whole.div_(4)).mul_(scale**3)
+    antider.add_(low).add_(high)
     width = edges[1:] - edges[:-1]
-    mean_err = (antider[:, 1:] - antider[:, :-1]) / width.clamp(min=1e-300)
+    mean_err = (antider[:, 1:] - antider[:, :-1]).div_(width.clamp(min=1e-300) * 3)
     point = width <= 0  # counts piled on a zero-width (clipped) bin sit at its edge
     if bool((point & (counts > 0)).any()):
         at = edges[:-1][point]
-        point_err = (at - fake_quant(at, scale, offset)) ** 2
-        mean_err[:, point] = point_err
+        mean_err[:, point] = (at - fake_quant(at, scale, offset)) ** 2
     return mean_err @ counts
 
 
@@ -410,7 +409,9 @@ def make_activation_observer(params: ActivationQuantParams) -> ActivationObserve
     raise ConfigError(f"activation_quant_params.act_algo must be 'ifmr' or 'hfmg', got {params.act_algo!r}")
 
 
-def arq_quantize(weight: torch.Tensor, channel_wise: bool, axis: int = 0) -> tuple[tuple[float, ...], tuple[int, ...]]:
+def arq_quantize(
+    weight: torch.Tensor, channel_wise: bool, axis: int = 0
+) -> tuple[tuple[float, ...], tuple[int, ...]]:
     """ARQ: symmetric int8 max-abs scales, one per channel along ``axis`` or one per tensor.
 
     Offsets are all 0; an all-zero channel gets :data:`ZERO_RANGE_SCALE`.

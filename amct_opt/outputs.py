@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._io import atomic_write_json
+from ._io import atomic_write_json, atomic_write_text
 from .errors import InputError
 
-__all__ = ["OutputPaths", "resolve_outputs", "as_input_tuple", "check_writable_dir"]
+__all__ = ["OutputPaths", "NewFiles", "resolve_outputs", "as_input_tuple", "check_writable_dir"]
 
 FINAL_CONFIG = "accuracy_based_auto_calibration_final_config.json"
 RANKING = "accuracy_based_auto_calibration_ranking_information.json"
@@ -64,6 +67,31 @@ class OutputPaths:
 
     def quantized_outputs(self) -> list[Path]:
         return [self.fake_quant_model, self.deploy_model, self.final_config]
+
+
+class NewFiles:
+    """Files (and their folders) that do not exist yet: what a run that fails early must remove."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.files = [path for path in files if not path.exists()]
+        folders: set[Path] = set()
+        for path in self.files:
+            parent = path.absolute().parent
+            while not parent.exists():
+                folders.add(parent)
+                parent = parent.parent
+        self.folders = sorted(folders, key=lambda folder: len(folder.parts), reverse=True)
+
+    def remove(self, keep: Iterable[Path] = ()) -> None:
+        """Remove the listed files created since, except ``keep``, then the new folders left empty."""
+        kept = set(keep)
+        for path in self.files:
+            if path not in kept:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    path.unlink()
+        for folder in self.folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def check_writable_dir(path: Path, argument: str) -> None:
@@ -123,3 +151,8 @@ def as_input_tuple(input_data: Any) -> tuple[Any, ...]:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
+
+
+def write_ranking(path: Path, pairs: list[list[Any]]) -> None:
+    """``[[layer, score], ...]`` with one pair per line."""
+    atomic_write_text(path, "[\n" + ",\n".join(f"    {json.dumps(p)}" for p in pairs) + "\n]\n")

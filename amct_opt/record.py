@@ -70,7 +70,9 @@ def record_to_text(record: Record) -> str:
     lines: list[str] = []
     for key, factors in record.items():
         if not isinstance(key, str) or not isinstance(factors, LayerQuantFactors):
-            raise InputError(f"record: expected str -> LayerQuantFactors, got {key!r} -> {type(factors).__name__}")
+            raise InputError(
+                f"record: expected str -> LayerQuantFactors, got {key!r} -> {type(factors).__name__}"
+            )
         scales = [float(factors.scale_d), *(float(s) for s in factors.scale_w)]
         offsets = [int(factors.offset_d), *(int(o) for o in factors.offset_w)]
         problems = [_check_scale(s, "scale") for s in scales] + [_check_offset(o, "offset") for o in offsets]
@@ -235,7 +237,9 @@ class _Parser:
             if token.text == "]":
                 return values
             if token.text != ",":
-                raise self.error(token.line, f"expected ',' or ']' in the {field!r} list, got {token.describe()}")
+                raise self.error(
+                    token.line, f"expected ',' or ']' in the {field!r} list, got {token.describe()}"
+                )
 
     def parse_value(self, line: int) -> LayerQuantFactors:
         found: dict[str, list[tuple[float | int, int]]] = {name: [] for name in _SCALARS + _LISTS}
@@ -247,19 +251,24 @@ class _Parser:
             self.expect(":", f"after {token.text!r}")
             if token.text in _SCALARS and found[token.text]:
                 raise self.error(token.line, f"duplicate field {token.text!r}")
-            values = [self.parse_number(token.text)] if token.text in _SCALARS else self.parse_values(token.text)
+            values = (
+                [self.parse_number(token.text)] if token.text in _SCALARS else self.parse_values(token.text)
+            )
             found[token.text] += values
         for name in _SCALARS + ("scale_w",):
             if not found[name]:
                 raise self.error(line, f"value is missing field {name!r}")
         if len(found["scale_w"]) != len(found["offset_w"]):
             raise self.error(
-                line, f"value has {len(found['scale_w'])} scale_w but {len(found['offset_w'])} offset_w; "
-                "expected one offset_w per scale_w"
+                line,
+                f"value has {len(found['scale_w'])} scale_w but {len(found['offset_w'])} offset_w; "
+                "expected one offset_w per scale_w",
             )
         for name, values in found.items():
             for value, at in values:
-                problem = _check_scale(value, name) if name.startswith("scale") else _check_offset(int(value), name)
+                problem = (
+                    _check_scale(value, name) if name.startswith("scale") else _check_offset(int(value), name)
+                )
                 if problem:
                     raise self.error(at, problem)
         return LayerQuantFactors(

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
+from .distributed import Coordinator, fail_stale_trials
 from .errors import EvaluatorError
 from .progress import SearchProgress
 from .strategies.base import Proposal, SearchStrategy
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 #: Consecutive sampler proposals that repeat stored configs before the search stops.
 MAX_CONSECUTIVE_REPEATS = 25
+#: Seconds between checks on a config that another trial is evaluating.
+POLL_S = 1.0
 
 
 class EvaluationFailed(Exception):
@@ -62,6 +66,7 @@ class SearchLoop:
         fingerprint: str,
         multi_objective: bool = False,
         max_failures: int = 3,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.study = study
         self.evaluate = evaluate
@@ -72,6 +77,10 @@ class SearchLoop:
         self.max_failures = max_failures
         self.failures = 0
         self.evaluations = 0
+        #: Shared with the other workers of the study: the budget and running duplicates.
+        self.coordinator = coordinator or Coordinator(study.study)
+        self.budget: int | None = None
+        self.budget_spent = False
 
     # -- one trial ------------------------------------------------------------
     def values(self, plan: Plan, result: EvalResult) -> list[float]:
@@ -96,8 +105,10 @@ class SearchLoop:
                 answer.record = stored
                 self.progress.reused(trial.number, stored.number)
                 return self._returned(self.values(plan, stored.result))
-            if self.study.running_duplicate(trial.number, plan):
-                raise optuna.TrialPruned("the same config is being evaluated by another worker")
+            refused = self.coordinator.claim(self.study, trial, plan, self.budget)
+            if refused is not None:
+                self.budget_spent = refused == "budget"
+                raise optuna.TrialPruned(f"budget of {self.budget} reached" if self.budget_spent else refused)
             try:
                 result = self.evaluate(plan)
             except (EvaluatorError, KeyboardInterrupt):
@@ -140,15 +151,42 @@ class SearchLoop:
         return answer
 
     # -- the loop -------------------------------------------------------------
-    def answer(self, proposal: Proposal) -> TrialRecord:
-        """The stored result of a fixed plan, evaluating it first if needed."""
+    def answer(self, proposal: Proposal, meanwhile: bool = False) -> TrialRecord | None:
+        """The stored result of a fixed plan, evaluating it first if needed; None when the budget is spent.
+
+        With ``meanwhile``, a worker whose plan another worker is evaluating runs
+        sampler trials until that result is stored, instead of idling.
+        """
         assert proposal.plan is not None
+        waiting_logged = False
         while True:
             stored = self.study.lookup(proposal.plan, self.judge)
             if stored is not None:
                 return stored
+            if self.study.pending(proposal.plan) is TrialState.RUNNING and meanwhile:
+                before = self.evaluations
+                self.run_trial("sampler")
+                if self.budget_spent:
+                    return None
+                if self.evaluations == before:
+                    time.sleep(POLL_S)
+                continue
+            if self.study.pending(proposal.plan) is TrialState.RUNNING:
+                # Another worker evaluates it, or a crashed run left it RUNNING: Optuna's
+                # heartbeat fails a stale trial after the grace period and re-queues it.
+                if not waiting_logged:
+                    self.progress.note(
+                        "waiting for a running trial with the same config (another worker's, or "
+                        "one left by a crash: it is failed and re-queued once its heartbeat is stale)"
+                    )
+                    waiting_logged = True
+                time.sleep(POLL_S)
+                fail_stale_trials(self.study.study)
+                continue
             self.study.enqueue(proposal.plan, proposal.source)
             self.run_trial(proposal.source)
+            if self.budget_spent:
+                return None
 
     def _budget_left(self, strategy: SearchStrategy, started: float) -> str | None:
         if strategy.n_trials is not None and self.study.evaluated_count() >= strategy.n_trials:
@@ -158,28 +196,46 @@ class SearchLoop:
         return None
 
     def run(self, strategy: SearchStrategy) -> SearchOutcome:
+        """Ask, evaluate, tell until the strategy, the global budget or the timeout stops it.
+
+        Other workers' evaluations are waited for (unless on timeout), so every
+        worker chooses its final plan from the same evaluations.
+        """
         started = time.monotonic()
+        self.budget = strategy.n_trials
+        meanwhile = strategy.study_sampler() is not None
         repeats = 0
         reason = "strategy finished"
+        held: Proposal | None = None  # a fixed plan the budget refused until a running one fails
         while True:
+            if self.budget_spent:
+                # Other workers' evaluations fill the budget: wait, unless one fails and frees it.
+                self.budget_spent = False
+                self.coordinator.wait_for_others(self.study, self.budget)
             stop = self._budget_left(strategy, started)
             if stop:
                 reason = stop
                 break
-            proposal = strategy.ask()
+            proposal, held = held or strategy.ask(), None
             if proposal is None:
                 break
             if proposal.plan is not None:
-                record = self.answer(proposal)
-                strategy.tell(record.plan, record.result)
+                record = self.answer(proposal, meanwhile)
+                if record is None:
+                    held = proposal
+                else:
+                    strategy.tell(record.plan, record.result)
                 continue
             before = self.evaluations
             answer = self.run_trial(proposal.source)
             if answer.record is not None:
                 strategy.tell(answer.record.plan, answer.record.result)
-            repeats = 0 if self.evaluations > before else repeats + 1
+            repeats = 0 if self.evaluations > before or self.budget_spent else repeats + 1
             if repeats >= MAX_CONSECUTIVE_REPEATS:
                 reason = f"the sampler proposed {repeats} stored configs in a row"
                 break
+        timed_out = strategy.timeout is not None and time.monotonic() - started >= strategy.timeout
+        if not timed_out:
+            self.coordinator.wait_for_others(self.study, None)
         logger.info("search stopped: %s", reason)
         return SearchOutcome(strategy.final_plan(), self.evaluations, self.failures, reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -21,12 +22,14 @@ __all__ = [
     "mask_secrets",
     "open_storage",
     "describe_storage",
+    "heartbeat_settings",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_DB_NAME = "amct_opt.db"
 #: A worker that stops sending heartbeats for this long has its RUNNING trial failed and retried.
+#: The environment variables AMCT_OPT_HEARTBEAT_S and AMCT_OPT_GRACE_S override them.
 HEARTBEAT_INTERVAL_S = 5
 GRACE_PERIOD_S = 20
 
@@ -43,7 +46,10 @@ def mask_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
-        return mask_secrets(url)
+        if "@" not in url:
+            return mask_secrets(url)
+        # Not a URL, but it may still hold "user:password@": keep only the scheme and the host part.
+        return f"{url.split(':', 1)[0]}:***@{url.rpartition('@')[2]}"
 
 
 def mask_secrets(text: str) -> str:
@@ -57,6 +63,31 @@ def describe_storage(storage: str | BaseStorage) -> str:
     if isinstance(storage, RDBStorage):
         return mask_url(str(storage.engine.url))
     return type(storage).__name__
+
+
+def _seconds_from_env(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise StorageError(f"environment variable {name}: expected whole seconds >= 1, got {text!r}")
+    return value
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """``(heartbeat interval, grace period)`` in seconds, from the environment or the defaults."""
+    interval = _seconds_from_env("AMCT_OPT_HEARTBEAT_S", HEARTBEAT_INTERVAL_S)
+    grace = _seconds_from_env("AMCT_OPT_GRACE_S", max(GRACE_PERIOD_S, 2 * interval))
+    if grace <= interval:
+        raise StorageError(
+            f"environment variable AMCT_OPT_GRACE_S: the grace period ({grace} s) must be longer "
+            f"than the heartbeat interval ({interval} s)"
+        )
+    return interval, grace
 
 
 def _engine_kwargs(url: str) -> dict[str, object]:
@@ -85,14 +116,15 @@ def open_storage(storage: str | BaseStorage) -> BaseStorage:
         raise StorageError(f"storage: {mask_url(storage)!r} is not a SQLAlchemy URL ({exc})") from None
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    interval, grace = heartbeat_settings()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
                 storage,
                 engine_kwargs=_engine_kwargs(storage),
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
+                heartbeat_interval=interval,
+                grace_period=grace,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; all mean "unreachable"

@@ -156,8 +156,8 @@ class SearchStudy:
         return sorted(front, key=lambda r: r.share)
 
     # -- writing -----------------------------------------------------------
-    def enqueue(self, plan: Plan, source: str) -> None:
-        """Queue ``plan`` for the next trial, unless it is already waiting or running."""
+    def pending(self, plan: Plan) -> TrialState | None:
+        """WAITING or RUNNING when a queued or running trial already holds ``plan``."""
         wanted = self.key({name: plan[name] for name in self.layers})
         for trial in self.study.get_trials(
             deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
@@ -165,8 +165,13 @@ class SearchStudy:
             fixed = trial.system_attrs.get("fixed_params", trial.params)
             other = {name: fixed.get(name) == INT8 for name in self.layers}
             if all(name in fixed for name in self.layers) and self.key(other) == wanted:
-                return
-        self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+                return trial.state
+        return None
+
+    def enqueue(self, plan: Plan, source: str) -> None:
+        """Queue ``plan`` for the next trial, unless it is already waiting or running."""
+        if self.pending(plan) is None:
+            self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
 
     def set_text(self, key: str, text: str, chunk: int = 30_000) -> None:
         """Store a long text in chunks small enough for every RDB backend's attribute column."""

@@ -132,7 +132,7 @@ def test_ifmr_searching_both_ends_beats_max_only() -> None:
 
 
 def test_ifmr_asymmetric_is_near_the_2d_grid_optimum() -> None:
-    x = _skewed()[::8].contiguous()
+    x = _skewed()[::16].contiguous()
     params = ActivationQuantParams()
     steps = torch.tensor(_search_steps(params))
     lo0, hi0 = min(_quantile(x, 1 - params.min_percentile), 0.0), _quantile(x, params.max_percentile)
@@ -167,7 +167,9 @@ def test_ifmr_memory_cap_and_exact_range() -> None:
     assert math.isfinite(scale) and scale > 0 and QMIN <= offset <= QMAX
 
 
-@pytest.mark.parametrize("asymmetric, expected", [(True, (ZERO_RANGE_SCALE, QMIN)), (False, (ZERO_RANGE_SCALE, 0))])
+@pytest.mark.parametrize(
+    "asymmetric, expected", [(True, (ZERO_RANGE_SCALE, QMIN)), (False, (ZERO_RANGE_SCALE, 0))]
+)
 def test_all_zero_input(asymmetric: bool, expected: tuple[float, int]) -> None:
     zeros = torch.zeros(3, 4)
     assert ifmr(zeros, asymmetric=asymmetric) == expected
@@ -216,7 +218,9 @@ def test_expected_error_matches_dense_integration() -> None:
         total = 0.0
         for i in range(6):
             t = torch.linspace(float(edges[i]), float(edges[i + 1]), 200_001, dtype=torch.float64)
-            err = (t - fake_quant(t, torch.tensor(scale, dtype=torch.float64), torch.tensor(float(offset)))) ** 2
+            err = (
+                t - fake_quant(t, torch.tensor(scale, dtype=torch.float64), torch.tensor(float(offset)))
+            ) ** 2
             total += float(counts[i]) * float(torch.trapezoid(err, t)) / float(edges[i + 1] - edges[i])
         assert float(got[k]) == pytest.approx(total, rel=1e-4)
 
@@ -235,7 +239,11 @@ def _bin(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 def test_hfmg_merge_equals_one_batch_of_the_concatenation() -> None:
     gen = torch.Generator().manual_seed(3)
-    batches = [torch.rand(5000, generator=gen) * 2, torch.randn(5000, generator=gen) * 3, torch.rand(50, generator=gen) * 40]
+    batches = [
+        torch.rand(5000, generator=gen) * 2,  # [0, 2]
+        torch.randn(5000, generator=gen) * 3,  # about [-11, 11]: widens both ends
+        torch.rand(50, generator=gen) * 40,  # [0, 40]: widens the top again
+    ]
     observer = hfmg(*batches, num_of_bins=1024)
     counts, edges = observer.histogram()
     both = torch.cat(batches)
@@ -251,7 +259,10 @@ def test_hfmg_counts_zeros_seen_before_any_range() -> None:
     observer = hfmg(torch.zeros(7), torch.tensor([-1.0, 1.0]), num_of_bins=16)
     counts, edges = observer.histogram()
     assert int(counts.sum()) == 9
-    assert int(counts[int(torch.searchsorted(edges, torch.tensor(0.0, dtype=torch.float64), right=True)) - 1]) == 7
+    assert (
+        int(counts[int(torch.searchsorted(edges, torch.tensor(0.0, dtype=torch.float64), right=True)) - 1])
+        == 7
+    )
 
 
 @pytest.mark.parametrize("asymmetric", [True, False])
@@ -271,6 +282,20 @@ def test_hfmg_finds_the_exhaustive_edge_optimum(asymmetric: bool) -> None:
     errs = _expected_sq_error(edges.clamp(dmin, dmax), counts.double(), grid)
     got = _expected_sq_error(edges.clamp(dmin, dmax), counts.double(), [observer.compute()])
     assert float(got[0]) <= float(errs.min()) * (1 + 1e-9)
+
+
+def test_hfmg_coarse_to_fine_matches_a_full_scan() -> None:
+    x = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))
+    observer = hfmg(x, num_of_bins=2048, asymmetric=False)
+    counts, edges = observer.histogram()
+    top = max(-observer.data_min, observer.data_max)
+    bounds = edges[1:-1].abs()
+    grid = [symmetric_params(b) for b in sorted(set(bounds[(bounds > 0) & (bounds < top)].tolist()))]
+    clipped = edges.clamp(observer.data_min, observer.data_max)
+    chunks = (grid[i : i + 256] for i in range(0, len(grid), 256))
+    full = min(float(_expected_sq_error(clipped, counts.double(), chunk).min()) for chunk in chunks)
+    got = float(_expected_sq_error(clipped, counts.double(), [observer.compute()])[0])
+    assert len(grid) > 500 and got <= full * (1 + 1e-9)
 
 
 def test_hfmg_is_close_to_ifmr() -> None:

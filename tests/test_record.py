@@ -88,7 +88,11 @@ MALFORMED = [
     (_entry(OK_BODY.replace("scale_w: 0.2", "scale_w: 0")), 6, "scale_w must be a finite number > 0"),
     (_entry(OK_BODY.replace("scale_d: 0.1", "scale_d: nan")), 4, "expected a number for 'scale_d'"),
     (_entry(OK_BODY.replace("offset_d: 0", "offset_d: 1.5")), 5, "expected an integer for 'offset_d'"),
-    (_entry(OK_BODY.replace("offset_w: 0", "offset_w: 200")), 7, "offset_w must be an integer in [-128, 127]"),
+    (
+        _entry(OK_BODY.replace("offset_w: 0", "offset_w: 200")),
+        7,
+        "offset_w must be an integer in [-128, 127]",
+    ),
     (_entry(OK_BODY + "    scale_d: 0.3\n"), 8, "duplicate field 'scale_d'"),
     (_entry(OK_BODY + "    shift_bit: 1\n"), 8, "expected one of scale_d, offset_d, scale_w, offset_w"),
     (_entry(OK_BODY.replace("scale_w: 0.2", "scale_w: [0.2 0.3]")), 6, "expected ',' or ']'"),

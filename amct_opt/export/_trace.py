@@ -24,9 +24,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
-from torch.func import functional_call
 
 from ..errors import ExportError
+from ..fake_quant import fake_quant
 from ..quant_model import QuantizedModel, QuantLayer
 from ._names import DynamicAxes
 
@@ -36,6 +36,7 @@ __all__ = [
     "MARKER_OP",
     "OutputRange",
     "observe_output_ranges",
+    "quant_export_mode",
     "trace_to_onnx",
 ]
 
@@ -115,18 +116,37 @@ def _constants(layer: QuantLayer, out_range: OutputRange | None) -> _LayerConsta
     )
 
 
+@contextlib.contextmanager
+def _weight_replaced(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """``module.weight`` reads ``weight`` inside the block.
+
+    ``torch.func.functional_call`` refuses to run under the JIT tracer, so the
+    parameter is swapped directly and put back on exit.
+    """
+    parameter = module._parameters["weight"]
+    module._parameters["weight"] = weight  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        module._parameters["weight"] = parameter
+
+
 def _export_forward(layer: QuantLayer, c: _LayerConstants, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """:meth:`QuantLayer.quant_forward`, written with the exportable functions."""
-    qx = _QuantDequant.apply(x, layer.quantize_input(x), c.scale_d, c.offset_d, None)
+    qx = _QuantDequant.apply(x, fake_quant(x, layer.scale_d, layer.offset_d), c.scale_d, c.offset_d, None)
     weight = _QuantDequant.apply(layer.module.weight, layer.fq_weight, c.scale_w, c.offset_w, c.weight_axis)
-    y = functional_call(layer.module, {"weight": weight}, (qx, *args), kwargs)
+    with _weight_replaced(layer.module, weight):
+        y = layer.module(qx, *args, **kwargs)
     lo, hi = (c.out_range.lo, c.out_range.hi) if c.out_range is not None else (None, None)
     return _LayerOutput.apply(y, layer.name, lo, hi)
 
 
 @contextlib.contextmanager
-def _export_mode(qmodel: QuantizedModel, ranges: dict[str, OutputRange] | None) -> Iterator[None]:
-    """Route every enabled layer through :func:`_export_forward`; restore on exit."""
+def quant_export_mode(qmodel: QuantizedModel, ranges: dict[str, OutputRange] | None) -> Iterator[None]:
+    """Route every enabled layer through the exportable Q/DQ functions; restore on exit.
+
+    ``ranges`` (layer name -> observed output range) is written into the markers.
+    """
     patched: list[tuple[QuantLayer, Any]] = []
     try:
         for name, layer in qmodel.layers().items():
@@ -196,24 +216,27 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
 
 
 def trace_to_onnx(
-    qmodel: QuantizedModel,
+    model: nn.Module,
     input_data: tuple[Any, ...],
     input_names: Sequence[str] | None,
     output_names: Sequence[str] | None,
     dynamic_axes: DynamicAxes | None,
-    ranges: dict[str, OutputRange] | None,
+    markers: bool = False,
 ) -> onnx.ModelProto:
-    """Export ``qmodel`` (its current plan) with the TorchScript exporter; return the loaded proto.
+    """Export ``model`` with the TorchScript exporter; return the loaded proto.
 
-    The result still holds the ``amct_opt::LayerOutput`` markers; ``qmodel`` is left as it was.
+    Set ``markers`` when tracing inside :func:`quant_export_mode`: it declares
+    the marker domain.  Constant nodes come back as initializers.
     """
     with tempfile.TemporaryDirectory(prefix="amct_opt_export_") as tmp:
         path = Path(tmp) / "traced.onnx"
         try:
-            with _export_mode(qmodel, ranges), warnings.catch_warnings():
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+                warnings.filterwarnings("ignore", message="No names were found for specified dynamic axes")
                 torch.onnx.export(
-                    qmodel,
+                    model,
                     input_data,
                     str(path),
                     input_names=list(input_names) if input_names is not None else None,
@@ -221,11 +244,11 @@ def trace_to_onnx(
                     dynamic_axes=dict(dynamic_axes) if dynamic_axes is not None else None,
                     opset_version=OPSET,
                     do_constant_folding=True,
-                    custom_opsets={MARKER_DOMAIN: 1},
+                    custom_opsets={MARKER_DOMAIN: 1} if markers else None,
                     dynamo=False,
                 )
         except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as exc:
-            raise ExportError(f"torch.onnx.export failed on the quantized model: {exc}") from exc
-        model = onnx.load(str(path))
-    _constants_to_initializers(model)
-    return model
+            raise ExportError(f"torch.onnx.export failed: {exc}") from exc
+        proto = onnx.load(str(path))
+    _constants_to_initializers(proto)
+    return proto

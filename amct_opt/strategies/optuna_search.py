@@ -16,6 +16,7 @@ study, or ``timeout`` seconds) is spent.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +25,18 @@ import optuna
 
 from ..errors import StrategyError
 from ..objectives import OBJECTIVES
-from ..types import EvalResult, Plan
+from ..types import EvalResult, LayerCost, Plan
+from ._loss_model import LossModel
 from .base import Proposal, SearchContext, SearchStrategy
 from .binary_search import BinarySearch
 
 __all__ = ["OptunaSearch", "SAMPLER_NAMES", "make_sampler"]
 
 SAMPLER_NAMES = ("tpe", "gp", "nsga2", "random", "qmc", "bruteforce")
+#: After the warm start, every SAMPLER_EVERY-th proposal is the sampler's.
+SAMPLER_EVERY = 6
+
+logger = logging.getLogger(__name__)
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -87,6 +93,7 @@ class OptunaSearch(SearchStrategy):
         objective: str = "macs",
         multi_objective: bool = False,
         warm_start: bool = True,
+        guided: bool = True,
         show_progress: bool = True,
         max_failures: int = 3,
     ) -> None:
@@ -118,13 +125,16 @@ class OptunaSearch(SearchStrategy):
         self.objective = objective
         self.multi_objective = bool(multi_objective)
         self.warm_start = bool(warm_start)
+        self.guided = bool(guided)
         self.show_progress = bool(show_progress)
         self.max_failures = max_failures
         self._sampler: optuna.samplers.BaseSampler | None = None
         self._context: SearchContext | None = None
         self._binary: BinarySearch | None = None
         self._last: tuple[bool, float] = (False, 0.0)
-        self._incumbent: dict[str, bool] | None = None
+        self._weights: dict[str, float] = {}
+        self._model: LossModel | None = None
+        self._incumbent: tuple[bool, ...] | None = None
         self._incumbent_share = -1.0
         self._tried: set[tuple[bool, ...]] = set()
         self._turn = 0
@@ -149,42 +159,64 @@ class OptunaSearch(SearchStrategy):
         self._context = context
         if self.n_trials is None and self.timeout is None:
             self.n_trials = self.default_budget(len(context.layers))
+        self._weights = {name: _weight(context.costs[name], self.objective) for name in context.layers}
+        self._model = LossModel(context.layers, self._weights, context.ranking.scores, self.seed)
+        self._record(dict.fromkeys(context.layers, True), context.all_quant)
+        for plan, result in context.history:
+            self._record(plan, result)
+        self._last = (context.all_quant.ok, context.all_quant.loss)
         if self.warm_start:
             self._binary = BinarySearch()
             self._binary.initialize(dict(context.ranking.scores))
-            self._last = (context.all_quant.ok, context.all_quant.loss)
-        self.tell(dict.fromkeys(context.layers, True), context.all_quant)
-        for plan, result in context.history:
-            self.tell(plan, result)
-
-    def _share(self, plan: Plan) -> float:
-        assert self._context is not None
-        costs = self._context.costs
-        weights = {
-            name: (costs[name].macs if self.objective == "macs" else
-                   costs[name].params if self.objective == "params" else 1)
-            for name in self._context.layers
-        }
-        total = sum(weights.values()) or 1
-        return sum(weights[name] for name, on in plan.items() if on) / total
 
     def _key(self, plan: Plan) -> tuple[bool, ...]:
-        assert self._context is not None
-        return tuple(bool(plan[name]) for name in self._context.layers)
+        return tuple(bool(plan[name]) for name in self._weights)
 
-    def _neighbour(self) -> dict[str, bool] | None:
+    def _plan(self, key: tuple[bool, ...]) -> dict[str, bool]:
+        return dict(zip(self._weights, key))
+
+    def _share(self, key: tuple[bool, ...]) -> float:
+        total = sum(self._weights.values()) or 1.0
+        return sum(w for w, on in zip(self._weights.values(), key) if on) / total
+
+    def _neighbour(self) -> tuple[bool, ...] | None:
         """The incumbent with one more layer quantized, least sensitive and largest first."""
         if self._incumbent is None or self._context is None:
             return None
         scores = self._context.ranking.scores
-        costs = self._context.costs
-        floats = [name for name, on in self._incumbent.items() if not on]
-        for name in sorted(floats, key=lambda n: (-scores[n], -costs[n].macs, n)):
-            plan = dict(self._incumbent)
-            plan[name] = True
-            if self._key(plan) not in self._tried:
-                return plan
+        names = list(self._weights)
+        floats = [i for i, on in enumerate(self._incumbent) if not on]
+        for i in sorted(floats, key=lambda i: (-scores[names[i]], -self._weights[names[i]], names[i])):
+            key = tuple(on or j == i for j, on in enumerate(self._incumbent))
+            if key not in self._tried:
+                return key
         return None
+
+    def optimum_proven(self) -> bool:
+        """True when every config that quantizes more than the best feasible one has been evaluated."""
+        if self._incumbent is None:
+            return False
+        weights = list(self._weights.values())
+        order = sorted(range(len(weights)), key=lambda i: -weights[i])
+        floor = sum(w for w, on in zip(weights, self._incumbent) if on) * (1 + 1e-12)
+        rest = [sum(weights[i] for i in order[k:]) for k in range(len(order) + 1)]
+        # Depth-first over the layers, largest first, pruning branches that cannot beat the floor;
+        # it stops at the first untried config above the floor, so it visits few leaves.
+        stack: list[tuple[int, float, tuple[bool, ...]]] = [(0, 0.0, ())]
+        while stack:
+            depth, total, prefix = stack.pop()
+            if total + rest[depth] <= floor:
+                continue
+            if depth == len(order):
+                key = [False] * len(weights)
+                for index, on in zip(order, prefix):
+                    key[index] = on
+                if tuple(key) not in self._tried:
+                    return False
+                continue
+            stack.append((depth + 1, total, (*prefix, False)))
+            stack.append((depth + 1, total + weights[order[depth]], (*prefix, True)))
+        return True
 
     def ask(self) -> Proposal | None:
         if self._binary is not None:
@@ -192,17 +224,33 @@ class OptunaSearch(SearchStrategy):
             if not answer["stop_flag"]:
                 return Proposal(dict(answer["roll_back_config"]), "warm_start:binary_search")
             self._binary = None
+        if not self.multi_objective and self.optimum_proven():
+            logger.info("every config that quantizes more than the best feasible one is evaluated: optimum proven")
+            return None
         self._turn += 1
-        if self._turn % 2 == 1:
-            neighbour = self._neighbour()
-            if neighbour is not None:
-                return Proposal(neighbour, "ranking_neighbour")
+        if self._turn % SAMPLER_EVERY:
+            if self.guided and self._model is not None:
+                key = self._model.propose(self._tried, self._incumbent_share)
+                if key is not None:
+                    return Proposal(self._plan(key), "loss_model")
+            key = self._neighbour()
+            if key is not None:
+                return Proposal(self._plan(key), "ranking_neighbour")
         return Proposal(None, "sampler")
 
     def tell(self, plan: Plan, result: EvalResult) -> None:
         self._last = (result.ok, result.loss)
-        full = dict(plan)
-        self._tried.add(self._key(full))
-        share = self._share(full)
+        self._record(plan, result)
+
+    def _record(self, plan: Plan, result: EvalResult) -> None:
+        key = self._key(plan)
+        self._tried.add(key)
+        if self._model is not None:
+            self._model.add(key, result.loss, result.ok)
+        share = self._share(key)
         if result.ok and share > self._incumbent_share:
-            self._incumbent, self._incumbent_share = full, share
+            self._incumbent, self._incumbent_share = key, share
+
+
+def _weight(cost: LayerCost, objective: str) -> float:
+    return float(cost.macs if objective == "macs" else cost.params if objective == "params" else 1)

@@ -1,0 +1,322 @@
+"""Many workers, one study: race-free coordination through the study's RDB storage.
+
+Every process that runs the same ``accuracy_based_auto_calibration`` call
+against one study (PostgreSQL or MySQL/MariaDB for several machines, SQLite
+for one) is a *worker*.  Optuna's RDB storage already shares the trials and
+fails and retries a crashed worker's trial by heartbeat; this module adds:
+
+* **leases**: a row of Optuna's ``study_user_attributes`` table, whose
+  ``UNIQUE(study_id, key)`` constraint makes "insert if absent" an atomic
+  election on every backend.  The holder renews the row's heartbeat (the
+  database's clock, as Optuna's trial heartbeats) from a background thread; a
+  lease whose heartbeat is older than the grace period is taken over by a
+  compare-and-swap ``UPDATE``, so a worker that dies while holding one is
+  replaced.
+* :meth:`Coordinator.once`: under the ``lease:setup`` lease one worker
+  evaluates the float model, calibrates and ranks, publishing each in the
+  study; the others wait for it and reuse it.
+* :meth:`Coordinator.claim`: under the short ``lease:budget`` mutex a trial
+  checks the global budget and running duplicates, then marks itself as
+  evaluating (user attribute ``worker``): ``n_trials`` is never overshot and
+  no config is evaluated twice.
+* worker slots ``lease:worker.<k>``: a live worker holds the lowest free
+  ``k``; every worker but ``0`` reseeds its sampler, so that workers given the
+  same ``seed`` do not propose the same configs.
+
+Other storages (in-memory, journal) run one worker: every lease is granted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy as sa
+from optuna.storages import RDBStorage
+from optuna.storages._rdb.models import StudyUserAttributeModel
+from optuna.trial import FrozenTrial, TrialState
+
+from .storage import heartbeat_settings
+from .trials import SearchStudy
+from .types import Plan
+
+__all__ = [
+    "BUDGET_LEASE",
+    "Coordinator",
+    "SETUP_LEASE",
+    "WORKER_ATTR",
+    "fail_stale_trials",
+    "in_flight",
+    "worker_name",
+]
+
+logger = logging.getLogger("amct_opt")
+
+T = TypeVar("T")
+
+#: Held by the worker that evaluates the float model, calibrates and ranks.
+SETUP_LEASE = "lease:setup"
+#: The short mutex around a trial's budget and duplicate check.
+BUDGET_LEASE = "lease:budget"
+#: User attribute of a trial that evaluates (or evaluated) its config: the worker's name.
+WORKER_ATTR = "worker"
+#: Seconds between two looks at a lease held by another worker.
+POLL_S = 0.5
+#: Seconds between two "still waiting" log lines.
+REMIND_S = 60.0
+
+_TABLE = StudyUserAttributeModel.__table__
+
+
+def worker_name() -> str:
+    """``host:pid``: how this process appears in logs and in the study."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _rdb(study: optuna.Study) -> RDBStorage | None:
+    """The RDB storage under ``study`` (Optuna wraps it in a cache), or None."""
+    storage = getattr(study, "_storage", None)
+    storage = getattr(storage, "_backend", storage)
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and re-queue) the RUNNING trials of workers whose heartbeat stopped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def in_flight(study: SearchStudy, exclude: int | None = None) -> list[FrozenTrial]:
+    """RUNNING trials that claimed an evaluation (a crashed worker's until its heartbeat is stale)."""
+    return [
+        t
+        for t in study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if WORKER_ATTR in t.user_attrs and t.number != exclude
+    ]
+
+
+class Coordinator:
+    """The leases of one worker in one study.  Call :meth:`close` when the run ends."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.name = worker_name()
+        self._owner = f"{self.name}/{uuid.uuid4().hex[:8]}"
+        self._interval, self._grace = heartbeat_settings()
+        storage = _rdb(study)
+        self._engine: sa.Engine | None = None if storage is None else storage.engine
+        self._study_id = -1 if storage is None else storage.get_study_id_from_name(study.study_name)
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lease primitives ---------------------------------------------------
+    def _where(self, key: str) -> Any:
+        return sa.and_(_TABLE.c.study_id == self._study_id, _TABLE.c.key == key)
+
+    def _read(self, conn: sa.Connection, key: str) -> tuple[datetime, str | None]:
+        now = conn.execute(sa.select(sa.func.now())).scalar_one().replace(tzinfo=None)
+        raw = conn.execute(sa.select(_TABLE.c.value_json).where(self._where(key))).scalar_one_or_none()
+        return now, raw
+
+    def _value(self, now: datetime) -> str:
+        return json.dumps({"owner": self._owner, "beat": now.isoformat()})
+
+    def _stale(self, raw: str, now: datetime) -> bool:
+        try:
+            beat = datetime.fromisoformat(json.loads(raw)["beat"])
+        except (ValueError, KeyError, TypeError):
+            return True
+        return now - beat > timedelta(seconds=self._grace)
+
+    def holder(self, key: str) -> str | None:
+        """The ``host:pid`` holding ``key``, or None when it is free."""
+        if self._engine is None:
+            return self.name if key in self._held else None
+        with self._engine.connect() as conn:
+            _, raw = self._read(conn, key)
+        if raw is None:
+            return None
+        owner = str(json.loads(raw).get("owner", "?"))
+        return owner.split("/", 1)[0]
+
+    def holds(self, key: str) -> bool:
+        return key in self._held
+
+    def try_acquire(self, key: str, keep_alive: bool = True) -> bool:
+        """Take ``key`` if it is free or its holder's heartbeat is stale; True when held."""
+        if key in self._held:
+            return True
+        if self._engine is None:
+            self._held[key] = ""
+            return True
+        with self._lock:
+            try:
+                with self._engine.begin() as conn:
+                    now, raw = self._read(conn, key)
+                    value = self._value(now)
+                    if raw is None:
+                        conn.execute(sa.insert(_TABLE).values(study_id=self._study_id, key=key, value_json=value))
+                    elif not self._stale(raw, now):
+                        return False
+                    else:
+                        swapped = conn.execute(
+                            sa.update(_TABLE).where(self._where(key), _TABLE.c.value_json == raw).values(value_json=value)
+                        )
+                        if swapped.rowcount != 1:
+                            return False
+                        logger.info("worker %s stopped sending heartbeats: %s took over %s",
+                                    str(json.loads(raw).get("owner", "?")).split("/", 1)[0], self.name, key)
+            except sa.exc.IntegrityError:
+                return False  # another worker inserted it first
+            self._held[key] = value
+        if keep_alive:
+            self._start_heartbeat()
+        return True
+
+    def release(self, key: str) -> None:
+        """Give ``key`` back (only if this worker still holds it)."""
+        with self._lock:
+            value = self._held.pop(key, None)
+            if value and self._engine is not None:
+                with self._engine.begin() as conn:
+                    conn.execute(sa.delete(_TABLE).where(self._where(key), _TABLE.c.value_json == value))
+
+    def _renew(self) -> None:
+        with self._lock:
+            if self._engine is None:
+                return
+            for key, old in list(self._held.items()):
+                with self._engine.begin() as conn:
+                    now, _ = self._read(conn, key)
+                    value = self._value(now)
+                    done = conn.execute(
+                        sa.update(_TABLE).where(self._where(key), _TABLE.c.value_json == old).values(value_json=value)
+                    )
+                if done.rowcount == 1:
+                    self._held[key] = value
+                else:
+                    del self._held[key]
+                    logger.warning("worker %s lost %s: its heartbeat was late by more than %d s",
+                                   self.name, key, self._grace)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._renew()
+            except sa.exc.SQLAlchemyError as exc:  # a lost connection: try again at the next beat
+                logger.warning("lease heartbeat of %s failed: %s", self.name, type(exc).__name__)
+
+    def _start_heartbeat(self) -> None:
+        if self._engine is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._heartbeat, name="amct_opt-lease", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the heartbeat and release every lease."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for key in list(self._held):
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                self.release(key)
+
+    @contextlib.contextmanager
+    def locked(self, key: str = BUDGET_LEASE) -> Iterator[None]:
+        """A short mutex across workers (taken over after the grace period if its holder died)."""
+        delay = 0.005
+        while not self.try_acquire(key, keep_alive=False):
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+    # -- what the workers share ---------------------------------------------
+    def join(self) -> int:
+        """Hold the lowest free worker slot; a worker other than slot 0 reseeds the study's sampler."""
+        slot = 0
+        while not self.try_acquire(f"lease:worker.{slot}"):
+            slot += 1
+        if slot:
+            self.study.sampler.reseed_rng()
+        return slot
+
+    def once(self, stage: str, stored: Callable[[], T | None], compute: Callable[[], T]) -> tuple[T, bool]:
+        """``(value, computed)``: ``stored()`` when published, else ``compute()`` by one worker only.
+
+        ``compute`` must publish its value so that ``stored`` returns it.  The
+        worker holding :data:`SETUP_LEASE` computes; the others poll until the
+        value is published, or take over when the holder's heartbeat stops.
+        """
+        waited_since: float | None = None
+        reminded = 0.0
+        while True:
+            value = stored()
+            if value is not None:
+                if waited_since is not None:
+                    logger.info("%s published after %.0f s of waiting", stage, time.monotonic() - waited_since)
+                return value, False
+            if self.try_acquire(SETUP_LEASE):
+                value = stored()  # published between the look and the election
+                return (value, False) if value is not None else (compute(), True)
+            now = time.monotonic()
+            if waited_since is None or now - reminded >= REMIND_S:
+                logger.info(
+                    "%s waiting for worker %s to publish the %s in study %r (checked every %g s; "
+                    "taken over if its heartbeat stops for %d s)",
+                    self.name, self.holder(SETUP_LEASE) or "?", stage, self.study.study_name, POLL_S, self._grace,
+                )
+                waited_since = now if waited_since is None else waited_since
+                reminded = now
+            time.sleep(POLL_S)
+
+    def claim(self, study: SearchStudy, trial: optuna.Trial, plan: Plan, budget: int | None) -> str | None:
+        """Mark ``trial`` as evaluating ``plan`` and return None, or say why it must not evaluate.
+
+        Under :data:`BUDGET_LEASE`: the plan must be neither stored nor claimed
+        by a running trial, and the evaluations stored plus those running must
+        stay below ``budget``.  So ``n_trials`` is exact across workers.
+        """
+        wanted = study.key(plan)
+        with self.locked():
+            running = in_flight(study, exclude=trial.number)
+            if any((other := study.plan_of(t)) is not None and study.key(other) == wanted for t in running):
+                return "the same config is being evaluated by another worker"
+            records = study.records()
+            if any(study.key(r.plan) == wanted for r in records):
+                return "the same config was evaluated meanwhile"
+            if budget is not None and len(records) + len(running) >= budget:
+                return "budget"
+            trial.set_user_attr(WORKER_ATTR, self.name)
+        return None
+
+    def wait_for_others(self, study: SearchStudy, budget: int | None) -> bool:
+        """Wait while other workers evaluate; True when a failed one freed budget for more."""
+        logged = False
+        while True:
+            running = in_flight(study)
+            done = study.evaluated_count()
+            if budget is not None and done + len(running) < budget and done < budget:
+                return True
+            if not running:
+                return False
+            if not logged:
+                logger.info("%s waiting for %d evaluation(s) of other workers to finish", self.name, len(running))
+                logged = True
+            time.sleep(POLL_S)
+            fail_stale_trials(study.study)

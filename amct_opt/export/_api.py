@@ -1,0 +1,173 @@
+"""The public export functions."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from ..errors import InputError
+from ..quant_model import QuantizedModel
+from ._deploy import to_deploy_model, to_fake_quant_model
+from ._names import DynamicAxes, check_dynamic_axes
+from ._save import save_model
+from ._trace import observe_output_ranges, quant_export_mode, trace_to_onnx
+
+__all__ = [
+    "ExportedModels",
+    "export_float_model",
+    "export_fake_quant_model",
+    "export_deploy_model",
+    "export_models",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+Batch = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ExportedModels:
+    """Paths of the two files written by :func:`export_models`."""
+
+    fake_quant_path: Path
+    deploy_path: Path
+
+
+def _check_qmodel(qmodel: Any) -> None:
+    if not isinstance(qmodel, QuantizedModel):
+        raise InputError(f"qmodel: expected a QuantizedModel, got {type(qmodel).__name__}")
+
+
+def _as_batch(input_data: Any) -> Batch:
+    if isinstance(input_data, torch.Tensor):
+        return (input_data,)
+    if not isinstance(input_data, (tuple, list)) or not input_data:
+        raise InputError(
+            f"input_data: expected a non-empty tuple of model inputs, got {type(input_data).__name__}"
+        )
+    return tuple(input_data)
+
+
+def _trace(
+    qmodel: QuantizedModel,
+    data: Batch,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    dynamic_axes: DynamicAxes | None,
+    range_data: Iterable[Batch] | None,
+    deploy: bool,
+) -> onnx.ModelProto:
+    ranges = observe_output_ranges(qmodel, [data, *(range_data or ())]) if deploy else None
+    with quant_export_mode(qmodel, ranges):
+        return trace_to_onnx(qmodel, data, input_names, output_names, dynamic_axes, markers=True)
+
+
+def export_float_model(
+    model: torch.nn.Module,
+    path: PathLike,
+    input_data: Batch,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+) -> None:
+    """Write ``model`` as a plain float ONNX model (same exporter settings), atomically."""
+    check_dynamic_axes(dynamic_axes, input_names, output_names)
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    data = _as_batch(input_data)
+    save_model(trace_to_onnx(model, data, input_names, output_names, dynamic_axes), path)
+    logger.info("wrote float model %s", path)
+
+
+def export_fake_quant_model(
+    qmodel: QuantizedModel,
+    path: PathLike,
+    input_data: Batch,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+) -> None:
+    """Write the fake-quant ONNX model of ``qmodel``'s current plan to ``path``.
+
+    Float weights; QuantizeLinear -> DequantizeLinear (int8 zero point,
+    per-channel weights) exactly where the torch fake quant is, so ORT
+    reproduces :class:`QuantizedModel`'s outputs.  Layers switched to float have
+    no Q/DQ.  ``input_names``, ``output_names`` and ``dynamic_axes`` mean what
+    they mean to ``torch.onnx.export``.  The file is written atomically.
+    """
+    check_dynamic_axes(dynamic_axes, input_names, output_names)
+    _check_qmodel(qmodel)
+    data = _as_batch(input_data)
+    model = _trace(qmodel, data, input_names, output_names, dynamic_axes, None, deploy=False)
+    save_model(to_fake_quant_model(model), path)
+    logger.info("wrote fake-quant model %s", path)
+
+
+def export_deploy_model(
+    qmodel: QuantizedModel,
+    path: PathLike,
+    input_data: Batch,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+    range_data: Iterable[Batch] | None = None,
+) -> None:
+    """Write the int8 deploy ONNX model of ``qmodel``'s current plan to ``path``.
+
+    Standard QDQ ONNX laid out for ONNX Runtime's integer kernels: int8 weight
+    initializers + DequantizeLinear (per-channel for convolutions), int32 biases,
+    shared activation quantizers, and an output QuantizeLinear on every quantized
+    Conv.  Where a quantized Conv's output is not already read by a quantizer
+    (it feeds an Add, a float layer, a pooling or the graph output), that output
+    is requantized with the range observed by running ``qmodel`` on
+    ``input_data`` plus the optional ``range_data`` batches: the deploy model's
+    only numerical difference from the fake-quant model.
+    """
+    check_dynamic_axes(dynamic_axes, input_names, output_names)
+    _check_qmodel(qmodel)
+    data = _as_batch(input_data)
+    model = _trace(qmodel, data, input_names, output_names, dynamic_axes, range_data, deploy=True)
+    save_model(to_deploy_model(model), path)
+    logger.info("wrote deploy model %s", path)
+
+
+def export_models(
+    qmodel: QuantizedModel,
+    prefix_path: PathLike,
+    input_data: Batch,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+    range_data: Iterable[Batch] | None = None,
+) -> ExportedModels:
+    """Write ``<prefix>_fake_quant_model.onnx`` and ``<prefix>_deploy_model.onnx`` from one trace.
+
+    See :func:`export_fake_quant_model` and :func:`export_deploy_model`.  Both
+    models are built before either file is written.
+
+    Example:
+        >>> paths = export_models(qmodel, "results/mobilenet", (images,),
+        ...                       input_names=["input"], output_names=["logits"],
+        ...                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    """
+    check_dynamic_axes(dynamic_axes, input_names, output_names)
+    _check_qmodel(qmodel)
+    data = _as_batch(input_data)
+    traced = _trace(qmodel, data, input_names, output_names, dynamic_axes, range_data, deploy=True)
+    fake_quant = to_fake_quant_model(copy.deepcopy(traced))
+    deploy = to_deploy_model(traced)
+    prefix = os.fspath(prefix_path)
+    paths = ExportedModels(Path(f"{prefix}_fake_quant_model.onnx"), Path(f"{prefix}_deploy_model.onnx"))
+    save_model(fake_quant, paths.fake_quant_path)
+    save_model(deploy, paths.deploy_path)
+    logger.info("wrote %s and %s", paths.fake_quant_path, paths.deploy_path)
+    return paths

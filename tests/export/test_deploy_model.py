@@ -1,0 +1,169 @@
+"""The deploy ONNX model: int8 weights, int32 biases, shared quantizers, and integer kernels in ORT."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from amct_opt.export import export_models
+from amct_opt.export.ort_check import INTEGER_OPS, op_counts, optimized_model
+from amct_opt.types import LayerQuantFactors
+from export_cases import CASES, Exported
+from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
+
+FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+#: Float matrix products that are not layers (attention) and layers ORT has no integer kernel
+#: for (ConvTranspose), per case.
+UNQUANTIZABLE_FLOAT_OPS = {"encoder": 2, "conv_transpose": 1}
+#: Quantized convs whose output feeds a float layer directly keep a float output, hence a float kernel.
+CONVS_BEFORE_FLOAT_LAYERS = {"mixed_float": 1}
+
+
+def _dq_of(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    node = producers(model)[name]
+    assert node.op_type == "DequantizeLinear", node.op_type
+    return node
+
+
+def _axis(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_weights_are_int8_initializers_followed_by_dequantize(name: str, exported: Callable[[str], Exported]) -> None:
+    case = exported(name)
+    model = onnx.load(case.paths.deploy_path)
+    onnx.checker.check_model(model, full_check=True)
+    values = initializers(model)
+    for layer, on in case.qmodel.plan.items():
+        node = layer_node(model, layer)
+        if not on:
+            assert values[node.input[1]].dtype == np.float32
+            continue
+        dq = _dq_of(model, node.input[1])
+        assert values[dq.input[0]].dtype == np.int8
+        scale = values[dq.input[1]]
+        factors = case.qmodel.layer(layer).factors
+        if len(factors.scale_w) > 1:
+            expected_axis = 1 if node.op_type in ("ConvTranspose", "MatMul") else 0
+            assert (scale.shape, _axis(dq)) == ((len(factors.scale_w),), expected_axis)
+        else:
+            assert scale.shape == ()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_biases_are_int32_where_ort_fuses_them(name: str, exported: Callable[[str], Exported]) -> None:
+    """Conv/Gemm bias input, or the Add after a 3-D Linear's MatMul: int32, scale = scale_d * scale_w."""
+    case = exported(name)
+    model = onnx.load(case.paths.deploy_path)
+    values, made_by = initializers(model), producers(model)
+    for layer, on in case.qmodel.plan.items():
+        node = layer_node(model, layer)
+        if not on or case.qmodel.layer(layer).module.bias is None:
+            continue
+        if node.op_type == "ConvTranspose":
+            assert values[node.input[2]].dtype == np.float32
+            continue
+        if node.op_type == "MatMul":
+            add = next(n for n in model.graph.node if node.output[0] in n.input)
+            bias_name = next(i for i in add.input if i != node.output[0])
+        else:
+            bias_name = node.input[2]
+        dq = _dq_of(model, bias_name)
+        assert values[dq.input[0]].dtype == np.int32
+        x_scale = values[made_by[node.input[0]].input[1]]
+        w_scale = values[made_by[node.input[1]].input[1]]
+        np.testing.assert_array_equal(values[dq.input[1]], (x_scale * w_scale).astype(np.float32))
+        assert not values[dq.input[2]].any()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ort_runs_every_quantized_conv_and_linear_as_an_integer_op(
+    name: str, exported: Callable[[str], Exported]
+) -> None:
+    case = exported(name)
+    counts = op_counts(optimized_model(case.paths.deploy_path))
+    plan = case.qmodel.plan
+    transposed = sum(1 for n, on in plan.items() if on and "ConvTranspose" in type(case.qmodel.layer(n).module).__name__)
+    quantized = sum(plan.values()) - transposed - CONVS_BEFORE_FLOAT_LAYERS.get(name, 0)
+    float_layers = len(plan) - sum(plan.values())
+    integer = sum(counts[op] for op in INTEGER_OPS)
+    floating = sum(counts[op] for op in FLOAT_COMPUTE_OPS)
+    assert integer == quantized, counts
+    assert floating == float_layers + UNQUANTIZABLE_FLOAT_OPS.get(name, 0) + CONVS_BEFORE_FLOAT_LAYERS.get(name, 0)
+
+
+def test_all_optimization_levels_fuse_the_mobilenet_like_model(exported: Callable[[str], Exported]) -> None:
+    path = exported("mobilenet_like").paths.deploy_path
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        counts = op_counts(optimized_model(path, level))
+        assert counts["QLinearConv"] == 8 and counts["QGemm"] == 1, counts
+        assert not FLOAT_COMPUTE_OPS & set(counts)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_tensor_is_quantized_once(name: str, exported: Callable[[str], Exported]) -> None:
+    case = exported(name)
+    model = onnx.load(case.paths.deploy_path)
+    sources = Counter(n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear")
+    assert max(sources.values()) == 1
+    dequantized = Counter(n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert max(dequantized.values()) == 1
+
+
+@pytest.mark.parametrize(("name", "readers"), [("branches", ("left", "right")), ("encoder", ("q", "k", "v"))])
+def test_neighbouring_layers_share_their_input_quantizer(
+    name: str, readers: tuple[str, ...], exported: Callable[[str], Exported]
+) -> None:
+    case = exported(name)
+    fake_quant, deploy = onnx.load(case.paths.fake_quant_path), onnx.load(case.paths.deploy_path)
+    for model, quantizers in ((fake_quant, len(readers)), (deploy, 1)):
+        made_by = producers(model)
+        dqs = {made_by[layer_node(model, layer).input[0]].name for layer in readers}
+        qs = {made_by[made_by[layer_node(model, layer).input[0]].input[0]].name for layer in readers}
+        assert (len(qs), len(dqs)) == (quantizers, quantizers)
+
+
+def test_float_layers_stay_float_with_no_qdq_of_their_own(exported: Callable[[str], Exported]) -> None:
+    case = exported("mixed_float")
+    model = onnx.load(case.paths.deploy_path)
+    values, made_by = initializers(model), producers(model)
+    for layer in CASES["mixed_float"].float_layers:
+        node = layer_node(model, layer)
+        assert all(values[name].dtype == np.float32 for name in node.input[1:])
+        source = made_by.get(node.input[0])
+        assert source is None or source.op_type != "DequantizeLinear"
+        assert not [n for n in model.graph.node if node.output[0] in n.input and n.op_type == "QuantizeLinear"]
+
+
+def test_symmetric_activations_after_relu6_still_fuse(exported: Callable[[str], Exported]) -> None:
+    """Offset-0 quantizers after ReLU6 keep negative codes, so ORT could not drop the Clip in front
+    of them: the deploy model cuts their range to [0, 6] (asymmetric) instead."""
+    counts = op_counts(optimized_model(exported("symmetric").paths.deploy_path))
+    assert counts["QLinearConv"] == 4 and not {"Conv", "FusedConv", "Clip"} & set(counts)
+
+
+def test_quantizer_a_hair_over_relu6_is_fitted(tmp_path: Path) -> None:
+    """scale * 255 a few float32 ulps above 6 would make ORT keep the Clip (and a float Conv)."""
+    x = torch.randn(8, 3, 16, 16)
+    qmodel = quantize(ConvStack(), (x,))
+    layer = qmodel.layer("features.1.0")
+    scale = float(np.nextafter(np.nextafter(np.float32(6 / 255), np.float32(1)), np.float32(1)))
+    assert np.float32(scale) * np.float32(255) - np.float32(6) > np.finfo(np.float32).eps
+    factors = layer.factors
+    qmodel.layer("features.1.0").scale_d.fill_(scale)
+    layer.factors = LayerQuantFactors(scale, -128, factors.scale_w, factors.offset_w)
+    layer.offset_d.fill_(-128)
+    paths = export_models(qmodel, tmp_path / "m", (x,))
+    counts = op_counts(optimized_model(paths.deploy_path))
+    assert counts["QLinearConv"] == 4 and not {"Conv", "FusedConv", "Clip"} & set(counts)
+    expected = torch_out(qmodel, x)
+    step = (expected.max() - expected.min()) / 255
+    assert np.abs(run_ort(paths.deploy_path, x) - expected).max() <= 2 * step

@@ -1,0 +1,91 @@
+"""The fake-quant ONNX model: float weights, standard Q/DQ, and ORT reproduces the torch model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from amct_opt.export import export_fake_quant_model
+from export_cases import CASES, Exported
+from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ort_matches_torch_within_one_output_step(name: str, exported: Callable[[str], Exported]) -> None:
+    """Tolerance: one 8-bit step of the output's range, (max - min) / 255, on unseen inputs."""
+    case = exported(name)
+    expected = torch_out(case.qmodel, case.test)
+    actual = run_ort(case.paths.fake_quant_path, case.test)
+    step = (expected.max() - expected.min()) / 255
+    assert np.abs(actual - expected).max() <= step
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(
+    name: str, exported: Callable[[str], Exported]
+) -> None:
+    case = exported(name)
+    model = onnx.load(case.paths.fake_quant_path)
+    onnx.checker.check_model(model, full_check=True)
+    assert {node.domain for node in model.graph.node} <= {""}
+    assert {o.domain for o in model.opset_import} == {""}
+    assert all(a.dtype == np.float32 for a in initializers(model).values() if a.ndim >= 2)
+    made_by = producers(model)
+    for layer, on in case.qmodel.plan.items():
+        node = layer_node(model, layer)
+        weight = made_by.get(node.input[1])
+        if weight is not None and weight.op_type == "Transpose":
+            weight = made_by.get(weight.input[0])
+        activation = made_by.get(node.input[0])
+        if on:
+            assert weight is not None and weight.op_type == "DequantizeLinear"
+            assert made_by[weight.input[0]].op_type == "QuantizeLinear"
+            assert activation is not None and activation.op_type == "DequantizeLinear"
+        else:
+            assert weight is None, f"float layer {layer} has a quantized weight"
+            assert activation is None or activation.op_type != "DequantizeLinear"
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == 2 * sum(case.qmodel.plan.values())
+
+
+def test_per_channel_weight_quantizers_use_the_output_channel_axis(exported: Callable[[str], Exported]) -> None:
+    model = onnx.load(exported("conv_transpose").paths.fake_quant_path)
+    axes = {
+        layer: next(a.i for a in producers(model)[layer_node(model, layer).input[1]].attribute if a.name == "axis")
+        for layer in ("conv", "up", "out")
+    }
+    assert axes == {"conv": 0, "up": 1, "out": 0}
+
+
+def test_export_leaves_the_quantized_model_unchanged(tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    qmodel = quantize(ConvStack(), (x,), float_layers=("features.1.0",))
+    qmodel.train()
+    before_state = copy.deepcopy(qmodel.state_dict())
+    before_plan = qmodel.plan
+    with torch.no_grad():
+        before_out = qmodel.eval()(x)
+    qmodel.train()
+    export_fake_quant_model(qmodel, tmp_path / "m.onnx", (x,))
+    assert qmodel.training and all(m.training for m in qmodel.modules())
+    assert qmodel.plan == before_plan
+    assert all("forward" not in layer.__dict__ for layer in qmodel.layers().values())
+    assert all(torch.equal(v, before_state[k]) for k, v in qmodel.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(qmodel.eval()(x), before_out)
+
+
+def test_all_float_plan_exports_without_any_qdq(tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 16, 16)
+    qmodel = quantize(ConvStack(), (x,))
+    qmodel.set_all(False)
+    export_fake_quant_model(qmodel, tmp_path / "m.onnx", (x,))
+    model = onnx.load(tmp_path / "m.onnx")
+    assert not [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    np.testing.assert_allclose(run_ort(tmp_path / "m.onnx", x), torch_out(qmodel, x), atol=1e-5)
