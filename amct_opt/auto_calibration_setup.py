@@ -195,6 +195,7 @@ def prepare_run(
 
     storage_files = _sqlite_files(search.storage or default_storage_url(paths.directory))
     new_files = NewFiles([paths.record_file, paths.log_file, *storage_files])
+    paths.remove_stale_temps()
     opened: list[optuna.Study] = []
     try:
         with log_to_file(paths.log_file, console=search.show_progress):

@@ -67,7 +67,7 @@ T = TypeVar("T")
 
 #: Held by the worker that evaluates the float model, calibrates and ranks.
 SETUP_LEASE = "lease:setup"
-#: The short mutex around a trial's budget and duplicate check.
+#: The short mutex around a trial's budget and duplicate check (on SQLite; a server lock elsewhere).
 BUDGET_LEASE = "lease:budget"
 #: User attribute of a trial that evaluates (or evaluated) its config: the worker's name.
 WORKER_ATTR = "worker"
@@ -77,6 +77,8 @@ POLL_S = 0.5
 REMIND_S = 60.0
 
 _TABLE = StudyUserAttributeModel.__table__
+#: First key of PostgreSQL's two-key advisory lock ("amct" in ASCII); the second is the study id.
+_PG_LOCK_SPACE = 0x616D6374
 
 
 def worker_name() -> str:
@@ -235,16 +237,33 @@ class Coordinator:
                 self.release(key)
 
     @contextlib.contextmanager
-    def locked(self, key: str = BUDGET_LEASE) -> Iterator[None]:
-        """A short mutex across workers (taken over after the grace period if its holder died)."""
+    def locked(self) -> Iterator[None]:
+        """The budget mutex: the server's lock on PostgreSQL and MySQL (freed if its holder dies), else a lease."""
+        dialect = None if self._engine is None else self._engine.dialect.name
+        if self._engine is not None and dialect == "postgresql":
+            with self._engine.connect() as conn:  # the lock ends with this connection's transaction
+                key = sa.cast(self._study_id, sa.Integer)
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.cast(_PG_LOCK_SPACE, sa.Integer), key)))
+                yield
+            return
+        if self._engine is not None and dialect in ("mysql", "mariadb"):
+            name = f"amct_opt.budget.{self._study_id}"
+            with self._engine.connect() as conn:
+                while conn.execute(sa.select(sa.func.get_lock(name, 60))).scalar() != 1:
+                    logger.info("%s waiting for the budget lock of study %r", self.name, self.study.study_name)
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.select(sa.func.release_lock(name)))
+            return
         delay = 0.005
-        while not self.try_acquire(key, keep_alive=False):
+        while not self.try_acquire(BUDGET_LEASE, keep_alive=False):
             time.sleep(delay)
             delay = min(2 * delay, 0.1)
         try:
             yield
         finally:
-            self.release(key)
+            self.release(BUDGET_LEASE)
 
     # -- what the workers share ---------------------------------------------
     def join(self) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, remove_stale_temps
 from .errors import InputError
 
 __all__ = ["OutputPaths", "NewFiles", "resolve_outputs", "as_input_tuple", "check_writable_dir"]
@@ -67,6 +67,11 @@ class OutputPaths:
 
     def quantized_outputs(self) -> list[Path]:
         return [self.fake_quant_model, self.deploy_model, self.final_config]
+
+    def remove_stale_temps(self) -> None:
+        """Remove the temporary files that a run killed in the middle of a write left behind."""
+        for path in self.as_dict().values():
+            remove_stale_temps(path)
 
 
 class NewFiles:

@@ -87,9 +87,11 @@ class SearchLoop:
         share = self.study.share(plan)
         return [result.loss, share] if self.multi_objective else [share]
 
-    def _objective(self, answer: _TrialAnswer, source: str) -> Callable[[optuna.Trial], Any]:
+    def _objective(self, answer: _TrialAnswer, source: str, queued_only: bool) -> Callable[[optuna.Trial], Any]:
         def objective(trial: optuna.Trial) -> Any:
             answer.number = trial.number
+            if queued_only and "source" not in trial.user_attrs:  # queued trials carry their source
+                raise optuna.TrialPruned("another worker took the queued config first")
             plan = {
                 name: trial.suggest_categorical(name, CHOICES) == INT8 for name in self.study.layers
             }
@@ -115,6 +117,11 @@ class SearchLoop:
                 raise
             except Exception as exc:
                 answer.failed = True
+                logger.warning(
+                    "trial %d: model_evaluator.evaluate raised %r; the trial is marked FAIL "
+                    "(failure %d, max_failures=%d)", trial.number, exc, self.failures + 1,
+                    self.max_failures, exc_info=True,
+                )
                 raise EvaluationFailed(f"model_evaluator.evaluate raised {exc!r}") from exc
             for key, value in self.study.attrs_for(plan, result).items():
                 trial.set_user_attr(key, value)
@@ -132,11 +139,11 @@ class SearchLoop:
     def _returned(self, values: list[float]) -> Any:
         return values if self.multi_objective else values[0]
 
-    def run_trial(self, source: str) -> _TrialAnswer:
-        """Run one trial (the next queued plan, or the sampler's)."""
+    def run_trial(self, source: str, queued_only: bool = False) -> _TrialAnswer:
+        """Run one trial: the next queued plan, or the sampler's (pruned at once with ``queued_only``)."""
         answer = _TrialAnswer(number=-1)
         self.study.study.optimize(
-            self._objective(answer, source),
+            self._objective(answer, source, queued_only),
             n_trials=1,
             catch=(EvaluationFailed,),
             gc_after_trial=False,
@@ -163,7 +170,8 @@ class SearchLoop:
             stored = self.study.lookup(proposal.plan, self.judge)
             if stored is not None:
                 return stored
-            if self.study.pending(proposal.plan) is TrialState.RUNNING and meanwhile:
+            state = self.study.pending(proposal.plan)
+            if state is TrialState.RUNNING and meanwhile:
                 before = self.evaluations
                 self.run_trial("sampler")
                 if self.budget_spent:
@@ -171,7 +179,7 @@ class SearchLoop:
                 if self.evaluations == before:
                     time.sleep(POLL_S)
                 continue
-            if self.study.pending(proposal.plan) is TrialState.RUNNING:
+            if state is TrialState.RUNNING:
                 # Another worker evaluates it, or a crashed run left it RUNNING: Optuna's
                 # heartbeat fails a stale trial after the grace period and re-queues it.
                 if not waiting_logged:
@@ -183,8 +191,9 @@ class SearchLoop:
                 time.sleep(POLL_S)
                 fail_stale_trials(self.study.study)
                 continue
-            self.study.enqueue(proposal.plan, proposal.source)
-            self.run_trial(proposal.source)
+            if state is None:
+                self.study.enqueue(proposal.plan, proposal.source)
+            self.run_trial(proposal.source, queued_only=True)
             if self.budget_spent:
                 return None
 

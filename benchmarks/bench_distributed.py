@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--storage", default=os.environ.get("AMCT_OPT_STORAGE", DEFAULT_STORAGE))
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--cost", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, nargs="+", default=list(WORKER_COUNTS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -206,7 +207,7 @@ def main() -> None:
         worker(json.loads(args.worker))
         return
     rows = []
-    for n in WORKER_COUNTS:
+    for n in args.workers:
         rows.append(measure(args.storage, n, args.trials, args.cost))
         print(f"{n} worker(s): {rows[-1]['per_min']:.1f} evaluations/min", flush=True)
     text = table(rows, args.trials, args.cost, args.storage)

@@ -38,14 +38,14 @@ log = logging.getLogger(__name__)
 
 #: (expand ratio t, output channels c, repeats n, first stride s), as in the paper's table 2.
 BLOCK_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (4, 24, 2, 2),
-    (4, 32, 2, 1),
-    (4, 48, 1, 2),
+    (1, 8, 1, 1),
+    (4, 16, 2, 2),
+    (4, 24, 2, 1),
+    (4, 32, 1, 2),
 )
 
 #: Bump when the architecture or the training recipe changes: it names the cache file.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 EPOCHS = 12
 BATCH_SIZE = 64
 LEARNING_RATE = 0.01
@@ -91,8 +91,8 @@ class MobileNetV2(nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
-        stem_channels: int = 16,
-        last_channels: int = 128,
+        stem_channels: int = 8,
+        last_channels: int = 64,
         settings: Sequence[tuple[int, int, int, int]] = BLOCK_SETTINGS,
         dropout: float = 0.1,
     ) -> None:

@@ -19,9 +19,9 @@ from ._names import check_dynamic_axes
 
 __all__ = [
     "ExportedModels",
-    "export_float_model",
-    "export_fake_quant_model",
-    "export_deploy_model",
-    "export_models",
     "check_dynamic_axes",
+    "export_deploy_model",
+    "export_fake_quant_model",
+    "export_float_model",
+    "export_models",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ from ._trace import observe_output_ranges, quant_export_mode, trace_to_onnx
 
 __all__ = [
     "ExportedModels",
-    "export_float_model",
-    "export_fake_quant_model",
     "export_deploy_model",
+    "export_fake_quant_model",
+    "export_float_model",
     "export_models",
 ]
 
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 Batch = tuple[Any, ...]
+#: Runs representative batches through the model it is given, e.g. an evaluator's ``calibration``.
+Calibration = Callable[[torch.nn.Module], Any]
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,19 @@ def _trace(
     input_names: Sequence[str] | None,
     output_names: Sequence[str] | None,
     dynamic_axes: DynamicAxes | None,
-    range_data: Iterable[Batch] | None,
+    calibration: Calibration | None,
     deploy: bool,
 ) -> onnx.ModelProto:
-    ranges = observe_output_ranges(qmodel, [data, *(range_data or ())]) if deploy else None
+    """Trace ``qmodel``; for a deploy model, first observe its layers' output ranges."""
+    ranges = None
+    if deploy:
+
+        def run(model: torch.nn.Module) -> None:
+            model(*data)
+            if calibration is not None:
+                calibration(model)
+
+        ranges = observe_output_ranges(qmodel, run)
     with quant_export_mode(qmodel, ranges):
         return trace_to_onnx(qmodel, data, input_names, output_names, dynamic_axes, markers=True)
 
@@ -119,23 +130,27 @@ def export_deploy_model(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: DynamicAxes | None = None,
-    range_data: Iterable[Batch] | None = None,
+    calibration: Calibration | None = None,
 ) -> None:
     """Write the int8 deploy ONNX model of ``qmodel``'s current plan to ``path``.
 
     Standard QDQ ONNX laid out for ONNX Runtime's integer kernels: int8 weight
     initializers + DequantizeLinear (per-channel for convolutions), int32 biases,
-    shared activation quantizers, and an output QuantizeLinear on every quantized
-    Conv.  Where a quantized Conv's output is not already read by a quantizer
+    shared activation quantizers, uint8 activations (zero point + 128, the same
+    values), and an output QuantizeLinear on every quantized Conv.  A quantizer
+    after a Relu/ReLU6 whose range reaches below 0 (offset 0) is cut to the
+    activation's range, so that ORT can drop the activation and fuse the Conv.  Where a quantized Conv's output is not already read by a quantizer
     (it feeds an Add, a float layer, a pooling or the graph output), that output
-    is requantized with the range observed by running ``qmodel`` on
-    ``input_data`` plus the optional ``range_data`` batches: the deploy model's
-    only numerical difference from the fake-quant model.
+    is requantized with the range observed while ``qmodel`` runs on
+    ``input_data`` and, if given, ``calibration(qmodel)`` (e.g. the evaluator's
+    ``calibration`` method; pass it: one batch gives a narrow range).  Those
+    requantizers are the deploy model's one numerical difference from the
+    fake-quant model, besides int32 biases and ORT's integer rounding.
     """
     check_dynamic_axes(dynamic_axes, input_names, output_names)
     _check_qmodel(qmodel)
     data = _as_batch(input_data)
-    model = _trace(qmodel, data, input_names, output_names, dynamic_axes, range_data, deploy=True)
+    model = _trace(qmodel, data, input_names, output_names, dynamic_axes, calibration, deploy=True)
     save_model(to_deploy_model(model), path)
     logger.info("wrote deploy model %s", path)
 
@@ -147,22 +162,23 @@ def export_models(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: DynamicAxes | None = None,
-    range_data: Iterable[Batch] | None = None,
+    calibration: Calibration | None = None,
 ) -> ExportedModels:
     """Write ``<prefix>_fake_quant_model.onnx`` and ``<prefix>_deploy_model.onnx`` from one trace.
 
-    See :func:`export_fake_quant_model` and :func:`export_deploy_model`.  Both
-    models are built before either file is written.
+    See :func:`export_fake_quant_model` and :func:`export_deploy_model` (for
+    ``calibration``).  Both models are built before either file is written.
 
     Example:
         >>> paths = export_models(qmodel, "results/mobilenet", (images,),
         ...                       input_names=["input"], output_names=["logits"],
-        ...                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        ...                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        ...                       calibration=evaluator.calibration)
     """
     check_dynamic_axes(dynamic_axes, input_names, output_names)
     _check_qmodel(qmodel)
     data = _as_batch(input_data)
-    traced = _trace(qmodel, data, input_names, output_names, dynamic_axes, range_data, deploy=True)
+    traced = _trace(qmodel, data, input_names, output_names, dynamic_axes, calibration, deploy=True)
     fake_quant = to_fake_quant_model(copy.deepcopy(traced))
     deploy = to_deploy_model(traced)
     prefix = os.fspath(prefix_path)

@@ -9,7 +9,7 @@ from ._deploy_weights import fold_weight_quantizers, fold_weight_transposes, qua
 from ._graph import Graph
 from ._markers import strip_markers
 
-__all__ = ["to_fake_quant_model", "to_deploy_model"]
+__all__ = ["to_deploy_model", "to_fake_quant_model"]
 
 
 def to_fake_quant_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -21,7 +21,7 @@ from ._graph import Graph
 from ._markers import LayerOutput
 from ._qdq import QParams, add_qdq, asymmetric_qparams, qparams
 
-__all__ = ["share_activation_quantizers", "requantize_conv_outputs", "activations_to_uint8"]
+__all__ = ["activations_to_uint8", "requantize_conv_outputs", "share_activation_quantizers"]
 
 #: How far (float32 ulps) a Q's scale may be lowered so that its range fits a Relu/Clip.
 _MAX_SCALE_NUDGE_ULPS = 16
@@ -155,7 +155,9 @@ def _dequantized(graph: Graph, q: onnx.NodeProto) -> str:
     if dqs:
         return dqs[0].output[0]
     out = graph.fresh(f"{q.output[0]}_dequantized")
-    graph.add_node("DequantizeLinear", [q.output[0], q.input[1], q.input[2]], [out], f"{q.name}_DequantizeLinear")
+    graph.add_node(
+        "DequantizeLinear", [q.output[0], q.input[1], q.input[2]], [out], f"{q.name}_DequantizeLinear"
+    )
     return out
 
 
@@ -183,9 +185,10 @@ def _requantize(graph: Graph, output: LayerOutput) -> None:
     if any(_is_float_layer(graph, node) for node in tail_consumers):
         return
     if not graph.is_output(tail):
-        for q in tail_consumers:
-            qp = _activation_q(graph, q)
-            if qp is None or not _fit(graph, q, qp, bounds):
+        quantizers = [(q, qp) for q in tail_consumers if (qp := _activation_q(graph, q)) is not None]
+        quantizers.sort(key=lambda item: not bounds.contains(item[1]))
+        for q, qp in quantizers:
+            if not _fit(graph, q, qp, bounds):
                 continue
             shared = _dequantized(graph, q)
             for node in tail_consumers:
@@ -211,9 +214,9 @@ def requantize_conv_outputs(graph: Graph, outputs: list[LayerOutput]) -> None:
 
     Reuses a Q that already reads the conv's (activated) output, fitted to the
     activation range if needed (see :func:`_fit`), and routes the other readers
-    through its DQ.  Otherwise adds a
-    Q/DQ on the conv output with the layer's observed output range, clamped to
-    the activation range, and drops the then-redundant Relu/Clip.
+    through its DQ.  Otherwise adds a Q/DQ on the conv output with the layer's
+    observed output range, clamped to the activation range, and drops the
+    then-redundant Relu/Clip.
 
     A conv whose (activated) output is read directly by a layer switched to float
     is left alone: that layer keeps seeing the float values it saw in the
@@ -236,6 +239,8 @@ def activations_to_uint8(graph: Graph) -> None:
             continue
         zero_point = int(qp.zero_point) + 128
         if zero_point not in converted:
-            converted[zero_point] = graph.add_initializer(np.array(zero_point, np.uint8), f"zero_point_u8_{zero_point}")
+            converted[zero_point] = graph.add_initializer(
+                np.array(zero_point, np.uint8), f"zero_point_u8_{zero_point}"
+            )
         for node in [q, *dqs]:
             graph.set_input(node, 2, converted[zero_point])

@@ -44,7 +44,11 @@ def fold_weight_transposes(graph: Graph) -> None:
         transposed = graph.add_initializer(np.transpose(q, perm), f"{dq.input[0]}_transposed")
         attrs = {} if qp.axis is None else {"axis": perm.index(qp.axis % q.ndim)}
         graph.add_node(
-            "DequantizeLinear", [transposed, dq.input[1], dq.input[2]], [node.output[0]], f"{dq.name}_transposed", **attrs
+            "DequantizeLinear",
+            [transposed, dq.input[1], dq.input[2]],
+            [node.output[0]],
+            f"{dq.name}_transposed",
+            **attrs,
         )
         graph.remove(node)
         if not graph.consumers(dq.output[0]) and not graph.is_output(dq.output[0]):

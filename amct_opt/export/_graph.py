@@ -79,7 +79,9 @@ class Graph:
         self.initializers[name] = numpy_helper.from_array(np.asarray(array), name)
         return name
 
-    def add_node(self, op_type: str, inputs: list[str], outputs: list[str], hint: str, **attrs: Any) -> onnx.NodeProto:
+    def add_node(
+        self, op_type: str, inputs: list[str], outputs: list[str], hint: str, **attrs: Any
+    ) -> onnx.NodeProto:
         node = helper.make_node(op_type, inputs, outputs, name=self.fresh(hint), **attrs)
         self.nodes.append(node)
         self._invalidate()

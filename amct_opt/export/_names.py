@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["DynamicAxes", "check_names", "check_dynamic_axes"]
+__all__ = ["DynamicAxes", "check_dynamic_axes", "check_names"]
 
 #: ``{name: {axis: axis_name}}`` or ``{name: [axis, ...]}``, as ``torch.onnx.export`` takes it.
 DynamicAxes = Mapping[str, Mapping[int, str] | Sequence[int]]
@@ -69,13 +69,14 @@ def check_dynamic_axes(
     if dynamic_axes is None:
         return
     if not isinstance(dynamic_axes, Mapping):
-        raise InputError(f"dynamic_axes: expected a dict keyed by tensor name, got {type(dynamic_axes).__name__}")
+        raise InputError(
+            f"dynamic_axes: expected a dict keyed by tensor name, got {type(dynamic_axes).__name__}"
+        )
     known = set(input_names or ()) | set(output_names or ())
     unknown = sorted(str(key) for key in dynamic_axes if key not in known)
     if unknown:
         raise InputError(
-            f"dynamic_axes: {unknown} are neither input_names nor output_names "
-            f"(known names: {sorted(known)})"
+            f"dynamic_axes: {unknown} are neither input_names nor output_names (known names: {sorted(known)})"
         )
     for name, axes in dynamic_axes.items():
         _check_axes(name, axes)

@@ -10,7 +10,7 @@ import onnx
 from ..fake_quant import QMAX, QMIN
 from ._graph import Graph
 
-__all__ = ["QParams", "qparams", "quantize_array", "asymmetric_qparams", "add_qdq"]
+__all__ = ["QParams", "add_qdq", "asymmetric_qparams", "qparams", "quantize_array"]
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,14 @@ def quantize_array(x: np.ndarray, qp: QParams) -> np.ndarray:
 
 
 def asymmetric_qparams(lo: float, hi: float) -> QParams:
-    """Per-tensor int8 parameters covering [lo, hi] (widened to include 0), never exceeding it.
+    """Per-tensor int8 parameters over [lo, hi] widened to include 0: scale (hi - lo) / 255.
 
-    The scale is nudged down by float32 ulps until ``scale * (127 - zp) <= hi`` so
-    that a Relu/Clip whose bounds are [lo, hi] stays provably redundant.
+    The scale is then lowered by float32 ulps until ``scale * (127 - zp) <= hi``,
+    so that the top of the range never passes ``hi`` (a Relu/Clip bounded by
+    ``hi`` in front of the quantizer stays provably redundant).
     """
     lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = np.float32(max((hi - lo) / (QMAX - QMIN), np.finfo(np.float32).tiny))
+    scale = np.float32(max((hi - lo) / (QMAX - QMIN), float(np.finfo(np.float32).tiny)))
     zero_point = int(np.clip(np.round(QMIN - lo / scale), QMIN, QMAX))
     while hi > 0 and scale * np.float32(QMAX - zero_point) > np.float32(hi):
         scale = np.nextafter(scale, np.float32(0))
@@ -88,6 +89,10 @@ def add_qdq(graph: Graph, source: str, target: str, qp: QParams, hint: str) -> o
     zero_point = graph.add_initializer(qp.zero_point, f"{hint}_zero_point")
     quantized = graph.fresh(f"{hint}_quantized")
     attrs = {} if qp.axis is None else {"axis": qp.axis}
-    q = graph.add_node("QuantizeLinear", [source, scale, zero_point], [quantized], f"{hint}_QuantizeLinear", **attrs)
-    graph.add_node("DequantizeLinear", [quantized, scale, zero_point], [target], f"{hint}_DequantizeLinear", **attrs)
+    q = graph.add_node(
+        "QuantizeLinear", [source, scale, zero_point], [quantized], f"{hint}_QuantizeLinear", **attrs
+    )
+    graph.add_node(
+        "DequantizeLinear", [quantized, scale, zero_point], [target], f"{hint}_DequantizeLinear", **attrs
+    )
     return q

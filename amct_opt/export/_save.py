@@ -12,7 +12,7 @@ from onnx.external_data_helper import convert_model_to_external_data, write_exte
 from .._io import atomic_write_bytes
 from ..errors import ExportError
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "tensor_bytes", "save_model"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "save_model", "tensor_bytes"]
 
 #: Models whose tensors hold at least this many bytes are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 1

@@ -15,10 +15,10 @@ import contextlib
 import functools
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 import torch
@@ -31,9 +31,9 @@ from ..quant_model import QuantizedModel, QuantLayer
 from ._names import DynamicAxes
 
 __all__ = [
-    "OPSET",
     "MARKER_DOMAIN",
     "MARKER_OP",
+    "OPSET",
     "OutputRange",
     "observe_output_ranges",
     "quant_export_mode",
@@ -47,7 +47,7 @@ MARKER_OP = "LayerOutput"
 
 @dataclass(frozen=True)
 class OutputRange:
-    """The observed [lo, hi] of one layer's output over the range batches."""
+    """The observed [lo, hi] of one layer's output."""
 
     lo: float
     hi: float
@@ -63,9 +63,7 @@ class _QuantDequant(torch.autograd.Function):
         return fake_quantized.clone()
 
     @staticmethod
-    def symbolic(
-        g: Any, x: Any, fake_quantized: Any, scale: Any, zero_point: Any, axis: int | None
-    ) -> Any:
+    def symbolic(g: Any, x: Any, fake_quantized: Any, scale: Any, zero_point: Any, axis: int | None) -> Any:
         s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
         z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.int8))
         kwargs = {} if axis is None else {"axis_i": axis}
@@ -103,12 +101,12 @@ class _LayerConstants:
 
 
 def _constants(layer: QuantLayer, out_range: OutputRange | None) -> _LayerConstants:
-    scale_w = tuple(float(s) for s in layer.scale_w.tolist())
-    offset_w = tuple(int(z) for z in layer.offset_w.tolist())
+    scale_w = tuple(float(s) for s in layer.get_buffer("scale_w").tolist())
+    offset_w = tuple(int(z) for z in layer.get_buffer("offset_w").tolist())
     per_channel = layer.weight_axis is not None
     return _LayerConstants(
-        scale_d=float(layer.scale_d),
-        offset_d=int(layer.offset_d),
+        scale_d=float(layer.get_buffer("scale_d")),
+        offset_d=int(layer.get_buffer("offset_d")),
         scale_w=scale_w if per_channel else scale_w[0],
         offset_w=offset_w if per_channel else offset_w[0],
         weight_axis=layer.weight_axis,
@@ -133,7 +131,8 @@ def _weight_replaced(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
 
 def _export_forward(layer: QuantLayer, c: _LayerConstants, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     """:meth:`QuantLayer.quant_forward`, written with the exportable functions."""
-    qx = _QuantDequant.apply(x, fake_quant(x, layer.scale_d, layer.offset_d), c.scale_d, c.offset_d, None)
+    fake_quantized = fake_quant(x, layer.get_buffer("scale_d"), layer.get_buffer("offset_d"))
+    qx = _QuantDequant.apply(x, fake_quantized, c.scale_d, c.offset_d, None)
     weight = _QuantDequant.apply(layer.module.weight, layer.fq_weight, c.scale_w, c.offset_w, c.weight_axis)
     with _weight_replaced(layer.module, weight):
         y = layer.module(qx, *args, **kwargs)
@@ -175,8 +174,11 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def observe_output_ranges(qmodel: QuantizedModel, batches: Iterable[tuple[Any, ...]]) -> dict[str, OutputRange]:
-    """Min/max (widened to include 0) of every enabled layer's output over ``batches``."""
+def observe_output_ranges(qmodel: QuantizedModel, run: Callable[[nn.Module], Any]) -> dict[str, OutputRange]:
+    """Min/max (widened to include 0) of every enabled layer's output while ``run(qmodel)`` runs.
+
+    ``run`` is called once, in eval mode and under ``torch.no_grad``.
+    """
     ranges: dict[str, OutputRange] = {}
 
     def hook(name: str, _module: nn.Module, _args: Any, out: Any) -> None:
@@ -193,8 +195,7 @@ def observe_output_ranges(qmodel: QuantizedModel, batches: Iterable[tuple[Any, .
     ]
     try:
         with torch.no_grad(), _eval_mode(qmodel):
-            for batch in batches:
-                qmodel(*batch)
+            run(qmodel)
     finally:
         for handle in handles:
             handle.remove()
@@ -232,7 +233,9 @@ def trace_to_onnx(
         path = Path(tmp) / "traced.onnx"
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
+                warnings.filterwarnings(
+                    "ignore", message="You are using the legacy TorchScript", category=DeprecationWarning
+                )
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
                 warnings.filterwarnings("ignore", message="No names were found for specified dynamic axes")
                 torch.onnx.export(
@@ -241,7 +244,7 @@ def trace_to_onnx(
                     str(path),
                     input_names=list(input_names) if input_names is not None else None,
                     output_names=list(output_names) if output_names is not None else None,
-                    dynamic_axes=dict(dynamic_axes) if dynamic_axes is not None else None,
+                    dynamic_axes=cast(Any, dynamic_axes),
                     opset_version=OPSET,
                     do_constant_folding=True,
                     custom_opsets={MARKER_DOMAIN: 1} if markers else None,

@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
+import onnxruntime as ort  # type: ignore[import-untyped]
 
-__all__ = ["INTEGER_OPS", "optimized_model", "op_counts"]
+__all__ = ["INTEGER_OPS", "op_counts", "optimized_model"]
 
 #: Op types of ORT's integer kernels for convolutions and matrix products.
 INTEGER_OPS = frozenset(

@@ -4,9 +4,11 @@ The loss of a config is modelled as the sum of a per-layer contribution over
 its quantized layers.  The prior of each contribution comes from the
 sensitivity ranking (a less similar layer is assumed to cost more), scaled to
 the all-quantized loss; every evaluation refines it (Bayesian linear
-regression).  A proposal draws contributions and a loss threshold from what is
-known (Thompson sampling) and solves the knapsack "quantize as much compute
-as possible under the threshold"; it is verified by a real evaluation.
+regression).  Candidates solve the knapsack "quantize as much compute as
+possible under a loss threshold" for the mean contributions at several
+thresholds and for sampled contributions and thresholds; the one with the
+largest expected gain (extra share times the chance to meet the target) is
+proposed, and verified by a real evaluation.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ CAPACITY_STEPS = 1000
 PRIOR_SPREAD = 1.0
 #: Prior contribution of the least sensitive layer, relative to the mean score gap.
 PRIOR_FLOOR = 0.05
-#: Where the first proposal puts the target between the largest ok and the smallest failing loss.
-FIRST_THRESHOLD = 0.5
 #: Thresholds at which the mean model's knapsack answers are candidates.
 LEVELS = 9
 #: Observation noise (non-additive effects), relative to the all-quantized loss.
@@ -92,8 +92,8 @@ class LossModel:
         ok = np.array([self._rows[k][1] for k in keys], dtype=bool)
         return x, y, ok
 
-    def posterior(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Mean and covariance of the contributions, or None without a positive loss to scale by."""
+    def posterior(self) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """Mean and covariance of the contributions and the noise variance; None without a positive loss."""
         x, y, _ = self._data()
         base = x @ self.prior
         usable = base > 0
@@ -106,7 +106,7 @@ class LossModel:
         precision = np.diag(1.0 / var0) + x.T @ x / noise
         cov = np.linalg.inv(precision)
         mean = cov @ (mean0 / var0 + x.T @ y / noise)
-        return mean, (cov + cov.T) / 2
+        return mean, (cov + cov.T) / 2, noise
 
     def thresholds(self) -> tuple[float, float] | None:
         """The loss range in which the target lies: (largest ok loss, smallest failing loss)."""
@@ -130,20 +130,17 @@ class LossModel:
         bounds = self.thresholds()
         if posterior is None or bounds is None:
             return None
-        mean, cov = posterior
+        mean, cov, noise = posterior
         lo, hi = bounds
         total = float(self.values.sum()) or 1.0
         candidates: dict[tuple[bool, ...], np.ndarray] = {}
         for frac in np.linspace(0.0, 1.0, LEVELS):
             chosen = best_under_capacity(self.values, np.clip(mean, 0.0, None), lo + frac * (hi - lo))
             candidates.setdefault(tuple(bool(v) for v in chosen), chosen)
-        for _ in range(draws):
-            contributions = self.rng.multivariate_normal(mean, cov, method="cholesky")
-            chosen = best_under_capacity(
-                self.values, np.clip(contributions, 0.0, None), float(self.rng.uniform(lo, hi))
-            )
+        samples = self.rng.multivariate_normal(mean, cov, size=draws, method="eigh")
+        for contributions, threshold in zip(samples, self.rng.uniform(lo, hi, size=draws)):
+            chosen = best_under_capacity(self.values, np.clip(contributions, 0.0, None), float(threshold))
             candidates.setdefault(tuple(bool(v) for v in chosen), chosen)
-        noise = (NOISE * float(np.abs(self._data()[1]).max())) ** 2
         thresholds = np.linspace(lo, hi, 9)
         best_key, best_gain = None, 0.0
         for key, chosen in candidates.items():

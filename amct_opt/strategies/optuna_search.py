@@ -1,23 +1,31 @@
 """``strategy="optuna"``: every layer's decision is a search dimension; Optuna's samplers propose.
 
-The search spends the user's evaluations in three ways, all through ask/tell:
+The search spends the user's evaluations in four ways, all through ask/tell:
 
 1. a warm start: the all-quantized config, then the roll-back prefixes that
-   BinarySearch visits over the sensitivity ranking (it cannot do worse than
-   BinarySearch);
-2. ranking-guided neighbours of the best feasible config: re-quantize one of
-   its float layers, least sensitive first, larger compute first;
-3. the sampler (TPE by default; any ``optuna.samplers.BaseSampler``), which
-   sees feasibility through Optuna's ``constraints_func``.
+   BinarySearch visits over the sensitivity ranking, so that it never ends
+   below BinarySearch;
+2. a ranking-informed additive loss model (:mod:`._loss_model`): the ranking
+   is its prior, every evaluation refines it, and it proposes the untried
+   config with the largest expected gain in quantized share;
+3. neighbours of the best feasible config (one more layer quantized, least
+   sensitive and largest first) when the model has nothing to propose;
+4. the sampler (TPE by default; any ``optuna.samplers.BaseSampler``), which
+   sees every trial and its feasibility constraint; it gets every
+   ``SAMPLER_EVERY``-th proposal after the warm start, and all of them once
+   phases 2 and 3 run dry.
 
-Phases 2 and 3 alternate until the budget (``n_trials`` evaluations in the
-study, or ``timeout`` seconds) is spent.
+The search goes on after the first feasible config until the budget
+(``n_trials`` evaluations in the study, or ``timeout`` seconds) is spent, and
+stops early once no untried config could quantize more than the best feasible
+one (the optimum is then proven).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,14 +59,16 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     }
     if name not in factories:
         raise StrategyError(f"sampler: unknown name {name!r}; expected one of {list(SAMPLER_NAMES)}")
-    return factories[name]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return factories[name]()
 
 
-def _check_positive(value: Any, argument: str, kind: type) -> None:
+def _check_positive(value: Any, argument: str, kinds: tuple[type, ...], expected: str) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise StrategyError(f"{argument}: expected a positive {kind.__name__} or None, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise StrategyError(f"{argument}: expected a positive {expected} or None, got {value!r}")
 
 
 class OptunaSearch(SearchStrategy):
@@ -78,6 +88,9 @@ class OptunaSearch(SearchStrategy):
         objective: what the quantized share weighs: "macs", "params" or "layers".
         multi_objective: minimize loss and maximize the share; the study keeps a Pareto front.
         warm_start: begin with BinarySearch's configs.
+        guided: between the sampler's proposals, propose configs from the
+            ranking-informed loss model and neighbours of the best one; when
+            False, the sampler proposes everything after the warm start.
         show_progress: log a line per evaluation.
         max_failures: evaluations that may raise before the search gives up.
     """
@@ -104,8 +117,8 @@ class OptunaSearch(SearchStrategy):
             )
         if isinstance(sampler, str) and sampler not in SAMPLER_NAMES:
             raise StrategyError(f"sampler: unknown name {sampler!r}; expected one of {list(SAMPLER_NAMES)}")
-        _check_positive(n_trials, "n_trials", int)
-        _check_positive(timeout, "timeout", (int, float))  # type: ignore[arg-type]
+        _check_positive(n_trials, "n_trials", (int,), "int")
+        _check_positive(timeout, "timeout", (int, float), "number of seconds")
         if objective not in OBJECTIVES:
             raise StrategyError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
         if storage is not None and not isinstance(storage, (str, optuna.storages.BaseStorage)):
@@ -228,11 +241,10 @@ class OptunaSearch(SearchStrategy):
             logger.info("every config that quantizes more than the best feasible one is evaluated: optimum proven")
             return None
         self._turn += 1
-        if self._turn % SAMPLER_EVERY:
-            if self.guided and self._model is not None:
-                key = self._model.propose(self._tried, self._incumbent_share)
-                if key is not None:
-                    return Proposal(self._plan(key), "loss_model")
+        if self.guided and self._turn % SAMPLER_EVERY:
+            key = None if self._model is None else self._model.propose(self._tried, self._incumbent_share)
+            if key is not None:
+                return Proposal(self._plan(key), "loss_model")
             key = self._neighbour()
             if key is not None:
                 return Proposal(self._plan(key), "ranking_neighbour")

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
-from amct_opt.export import export_models
 from export_cases import CASES, Exported
 from export_helpers import quantize
+
+from amct_opt.export import export_models
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export
             torch.manual_seed(0)
             model = case.make().eval()
             calibration, test = torch.randn(16, *case.shape), torch.randn(32, *case.shape)
-            qmodel = quantize(model, (calibration,), case.float_layers, case.per_channel_linear, case.symmetric)
+            qmodel = quantize(
+                model, (calibration,), case.float_layers, case.per_channel_linear, case.symmetric
+            )
             paths = export_models(
                 qmodel,
                 tmp_path_factory.mktemp(name) / name,
@@ -31,7 +33,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Export
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                range_data=[(calibration,)],
+                calibration=lambda m, c=calibration: m(c),
             )
             cache[name] = Exported(qmodel, calibration, test, paths, case)
         return cache[name]

@@ -6,11 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from export_helpers import Branches, Conv1dNet, ConvStack, ConvTransposeNet, Encoder, Mlp, MobileNetLike
 from torch import nn
 
 from amct_opt.export import ExportedModels
 from amct_opt.quant_model import QuantizedModel
-from export_helpers import Branches, Conv1dNet, ConvStack, ConvTransposeNet, Encoder, Mlp, MobileNetLike
 
 
 @dataclass(frozen=True)
@@ -46,5 +46,3 @@ class Exported:
     test: torch.Tensor
     paths: ExportedModels
     case: Case = field(repr=False)
-
-

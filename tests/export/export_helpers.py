@@ -30,7 +30,10 @@ class ConvStack(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_relu6(3, 16), conv_relu6(16, 16, groups=16), conv_relu6(16, 24, 1), conv_relu6(24, 24, stride=2)
+            conv_relu6(3, 16),
+            conv_relu6(16, 16, groups=16),
+            conv_relu6(16, 24, 1),
+            conv_relu6(24, 24, stride=2),
         )
         self.classifier = nn.Linear(24, 10)
 
@@ -45,7 +48,9 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = channels * expand
         self.conv = nn.Sequential(
-            conv_relu6(channels, hidden, 1), conv_relu6(hidden, hidden, groups=hidden), nn.Conv2d(hidden, channels, 1)
+            conv_relu6(channels, hidden, 1),
+            conv_relu6(hidden, hidden, groups=hidden),
+            nn.Conv2d(hidden, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,10 @@ def weight_factors(module: nn.Module, per_channel: bool) -> tuple[tuple[float, .
 
 
 def calibrate(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], per_channel_linear: bool = True, symmetric: bool = False
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    per_channel_linear: bool = True,
+    symmetric: bool = False,
 ) -> Record:
     """A record from the real min/max of each quantizable layer's input on ``inputs``."""
     ranges: dict[str, tuple[float, float]] = {}
@@ -238,6 +246,8 @@ def weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
 def layer_node(model: onnx.ModelProto, layer: str) -> onnx.NodeProto:
     """The Conv/Gemm/MatMul computing the wrapped layer ``layer`` (found by its weight's name)."""
     prefix = f"model.{layer}.module.weight"
-    found = [n for n in model.graph.node if n.op_type in COMPUTE_OPS and weight_source(model, n).startswith(prefix)]
+    found = [
+        n for n in model.graph.node if n.op_type in COMPUTE_OPS and weight_source(model, n).startswith(prefix)
+    ]
     assert len(found) == 1, (layer, [n.name for n in found])
     return found[0]

@@ -11,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from export_cases import CASES, Exported
+from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
 
 from amct_opt.export import export_models
 from amct_opt.export.ort_check import INTEGER_OPS, op_counts, optimized_model
 from amct_opt.types import LayerQuantFactors
-from export_cases import CASES, Exported
-from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
 
 FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 #: Float matrix products that are not layers (attention) and layers ORT has no integer kernel
@@ -37,7 +37,9 @@ def _axis(node: onnx.NodeProto) -> int | None:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_weights_are_int8_initializers_followed_by_dequantize(name: str, exported: Callable[[str], Exported]) -> None:
+def test_weights_are_int8_initializers_followed_by_dequantize(
+    name: str, exported: Callable[[str], Exported]
+) -> None:
     case = exported(name)
     model = onnx.load(case.paths.deploy_path)
     onnx.checker.check_model(model, full_check=True)
@@ -91,13 +93,17 @@ def test_ort_runs_every_quantized_conv_and_linear_as_an_integer_op(
     case = exported(name)
     counts = op_counts(optimized_model(case.paths.deploy_path))
     plan = case.qmodel.plan
-    transposed = sum(1 for n, on in plan.items() if on and "ConvTranspose" in type(case.qmodel.layer(n).module).__name__)
+    transposed = sum(
+        1 for n, on in plan.items() if on and "ConvTranspose" in type(case.qmodel.layer(n).module).__name__
+    )
     quantized = sum(plan.values()) - transposed - CONVS_BEFORE_FLOAT_LAYERS.get(name, 0)
     float_layers = len(plan) - sum(plan.values())
     integer = sum(counts[op] for op in INTEGER_OPS)
     floating = sum(counts[op] for op in FLOAT_COMPUTE_OPS)
     assert integer == quantized, counts
-    assert floating == float_layers + UNQUANTIZABLE_FLOAT_OPS.get(name, 0) + CONVS_BEFORE_FLOAT_LAYERS.get(name, 0)
+    assert floating == float_layers + UNQUANTIZABLE_FLOAT_OPS.get(name, 0) + CONVS_BEFORE_FLOAT_LAYERS.get(
+        name, 0
+    )
 
 
 def test_all_optimization_levels_fuse_the_mobilenet_like_model(exported: Callable[[str], Exported]) -> None:
@@ -140,7 +146,9 @@ def test_float_layers_stay_float_with_no_qdq_of_their_own(exported: Callable[[st
         assert all(values[name].dtype == np.float32 for name in node.input[1:])
         source = made_by.get(node.input[0])
         assert source is None or source.op_type != "DequantizeLinear"
-        assert not [n for n in model.graph.node if node.output[0] in n.input and n.op_type == "QuantizeLinear"]
+        assert not [
+            n for n in model.graph.node if node.output[0] in n.input and n.op_type == "QuantizeLinear"
+        ]
 
 
 def test_symmetric_activations_after_relu6_still_fuse(exported: Callable[[str], Exported]) -> None:

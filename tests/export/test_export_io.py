@@ -9,13 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_cases import Exported
+from export_helpers import Mlp, quantize, run_ort, session, torch_out
 from torch import nn
 
 import amct_opt._io
-from amct_opt.export import export_fake_quant_model, export_float_model, export_models
-from amct_opt.export import _save
-from export_cases import Exported
-from export_helpers import Mlp, quantize, run_ort, session, torch_out
+from amct_opt.export import _save, export_fake_quant_model, export_float_model, export_models
 
 
 class TwoInputs(nn.Module):
@@ -69,13 +68,17 @@ def test_without_dynamic_axes_the_batch_is_fixed(tmp_path: Path) -> None:
 
 def test_float_model_export(tmp_path: Path) -> None:
     model, x = Mlp().eval(), torch.randn(4, 20)
-    export_float_model(model, tmp_path / "float.onnx", (x,), ["input"], ["logits"], {"input": [0], "logits": [0]})
+    export_float_model(
+        model, tmp_path / "float.onnx", (x,), ["input"], ["logits"], {"input": [0], "logits": [0]}
+    )
     graph = onnx.load(tmp_path / "float.onnx").graph
     assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node}
     np.testing.assert_allclose(run_ort(tmp_path / "float.onnx", x[:2]), torch_out(model, x[:2]), atol=1e-5)
 
 
-def test_a_crash_while_writing_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_while_writing_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     x = torch.randn(2, 20)
     qmodel = quantize(Mlp(), (x,))
     deploy = tmp_path / "m_deploy_model.onnx"
@@ -97,7 +100,9 @@ def test_a_crash_while_writing_leaves_no_partial_file(tmp_path: Path, monkeypatc
     onnx.checker.check_model(str(tmp_path / "m_fake_quant_model.onnx"))
 
 
-def test_a_crash_while_writing_external_data_leaves_no_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_while_writing_external_data_leaves_no_onnx(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = onnx.load(_small_model(tmp_path))
 
     def crash(*_args: object) -> None:
@@ -149,4 +154,6 @@ def test_exports_use_external_data_past_the_threshold(
     }
     np.testing.assert_array_equal(run_ort(paths.fake_quant_path, x), run_ort(case.paths.fake_quant_path, x))
     expected = torch_out(case.qmodel, x)
-    assert np.abs(run_ort(paths.deploy_path, x) - expected).max() <= 2 * (expected.max() - expected.min()) / 255
+    assert (
+        np.abs(run_ort(paths.deploy_path, x) - expected).max() <= 2 * (expected.max() - expected.min()) / 255
+    )

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from amct_opt.export import export_fake_quant_model
 from export_cases import CASES, Exported
 from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
+
+from amct_opt.export import export_fake_quant_model
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -54,10 +54,14 @@ def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(
     assert len(quantizers) == 2 * sum(case.qmodel.plan.values())
 
 
-def test_per_channel_weight_quantizers_use_the_output_channel_axis(exported: Callable[[str], Exported]) -> None:
+def test_per_channel_weight_quantizers_use_the_output_channel_axis(
+    exported: Callable[[str], Exported],
+) -> None:
     model = onnx.load(exported("conv_transpose").paths.fake_quant_path)
     axes = {
-        layer: next(a.i for a in producers(model)[layer_node(model, layer).input[1]].attribute if a.name == "axis")
+        layer: next(
+            a.i for a in producers(model)[layer_node(model, layer).input[1]].attribute if a.name == "axis"
+        )
         for layer in ("conv", "up", "out")
     }
     assert axes == {"conv": 0, "up": 1, "out": 0}

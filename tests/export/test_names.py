@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_helpers import Mlp, quantize
 
 from amct_opt.errors import InputError
 from amct_opt.export import check_dynamic_axes, export_deploy_model, export_fake_quant_model, export_models
-from export_helpers import Mlp, quantize
 
 NAMES = (["input"], ["logits"])
 
@@ -49,7 +49,9 @@ def test_rejects_malformed_or_unknown(axes: object, names: tuple, message: str) 
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("names", "arg"), [(("input", None), "input_names"), ((["a"], ["a", "a"]), "output_names")])
+@pytest.mark.parametrize(
+    ("names", "arg"), [(("input", None), "input_names"), ((["a"], ["a", "a"]), "output_names")]
+)
 def test_rejects_bad_names(names: tuple, arg: str) -> None:
     with pytest.raises(InputError, match=arg):
         check_dynamic_axes(None, *names)

@@ -1,0 +1,143 @@
+"""Issue 8 §3: SIGKILL a search at many points; re-running resumes to the uninterrupted outputs.
+
+Each run is ``crash_job.py`` in a subprocess.  Seven kills land at fixed points
+(during the float evaluation, during both calibration() calls, during
+evaluations of the search, between the two ONNX files of the export, before
+the final config), three after a seeded random delay.  A short heartbeat lets
+a re-run fail a killed run's RUNNING trial after 2 s instead of 20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from reliability_kit import check_files_sound, tiny_model, write_config
+
+pytestmark = pytest.mark.slow
+
+JOB = Path(__file__).with_name("crash_job.py")
+#: (event, n): pause at the n-th such event of the run, then kill it.  Each run gets further
+#: than the one before, because everything the killed runs completed is reused.
+FIXED_POINTS = [
+    "evaluate:1",  # the float evaluation
+    "calibration:1",  # calibration statistics (the float metric is stored)
+    "calibration:2",  # the sensitivity pass (statistics and the all-INT8 trial are stored)
+    "evaluate:1",  # the first BinarySearch step (the ranking is stored)
+    "evaluate:2",  # the killed step is retried once its heartbeat is stale, then the next one
+    "save:1",  # the fake-quant ONNX is written, the deploy ONNX is not
+    "final_config:1",  # both ONNX files are written, the final config is not
+]
+RANDOM_KILLS = 3
+OUTPUTS = [
+    "out/accuracy_based_auto_calibration_final_config.json",
+    "out/accuracy_based_auto_calibration_ranking_information.json",
+    "out/net_quant.json",
+    "record.txt",
+]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AMCT_TEST_")}
+    env.update(AMCT_OPT_HEARTBEAT_S="1", AMCT_OPT_GRACE_S="2", **extra)
+    return env
+
+
+def start(folder: Path, **extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(JOB), str(folder)], env=environment(**extra),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finish(folder: Path) -> dict[str, Any]:
+    proc = start(folder)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> bool:
+    """True once ``path`` exists; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if proc.poll() is not None:
+            return path.exists()
+        time.sleep(0.02)
+    raise TimeoutError(f"{path} did not appear within {timeout} s")
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def new_folder(root: Path) -> Path:
+    root.mkdir()
+    write_config(root / "quant.json", tiny_model())
+    return root
+
+
+def history(folder: Path) -> list[dict[str, Any]]:
+    """The roll-back history without trial numbers (killed trials use numbers up)."""
+    steps = json.loads((folder / "amct_log" / "accuracy_based_auto_calibration_record.json").read_text())
+    return [{k: v for k, v in step.items() if k != "trial"} for step in steps]
+
+
+def sound_except_temps(folder: Path) -> list[str]:
+    return [p for p in check_files_sound(folder) if not p.startswith("temp file left")]
+
+
+def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
+    reference = new_folder(tmp_path / "reference")
+    expected = finish(reference)
+    again = new_folder(tmp_path / "again")
+    assert finish(again) == expected
+    deterministic_onnx = all(
+        (reference / "out" / name).read_bytes() == (again / "out" / name).read_bytes()
+        for name in ("net_deploy_model.onnx", "net_fake_quant_model.onnx")
+    )
+
+    chain = new_folder(tmp_path / "chain")
+    kills = 0
+    for point in FIXED_POINTS:
+        proc = start(chain, AMCT_TEST_PAUSE=point)
+        assert wait_for(chain / "paused", proc), f"the run finished before reaching {point}"
+        kill(proc)
+        kills += 1
+        (chain / "paused").unlink()
+        assert sound_except_temps(chain) == [], point
+    rng = random.Random(20240601)
+    for _ in range(RANDOM_KILLS):
+        proc = start(chain, AMCT_TEST_READY="1")
+        wait_for(chain / "ready", proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            kill(proc)
+            kills += 1
+        else:
+            proc.communicate()
+        (chain / "ready").unlink()
+        assert sound_except_temps(chain) == []
+    assert kills >= 10
+
+    result = finish(chain)
+    assert result["final_plan"] == expected["final_plan"]
+    assert result["evaluations"] == expected["evaluations"]
+    for name in OUTPUTS:
+        assert (chain / name).read_bytes() == (reference / name).read_bytes(), name
+    assert history(chain) == history(reference)
+    if deterministic_onnx:
+        for name in ("net_deploy_model.onnx", "net_fake_quant_model.onnx"):
+            assert (chain / "out" / name).read_bytes() == (reference / "out" / name).read_bytes(), name
+    assert check_files_sound(chain) == []  # no leftover temporary files either
