@@ -189,6 +189,7 @@ def _run(setup: RunSetup) -> AutoCalibrationResult:
             search.start(SearchContext(
                 ranking.most_sensitive_first(), ranking, setup.costs, search.objective, all_quant, history,
             ))
+            progress.budget = search.n_trials  # a strategy may set its default budget in start()
             outcome = loop.run(search)
             stop_reason = outcome.stop_reason
             final = outcome.final_plan

@@ -234,11 +234,18 @@ def _fingerprint_parts(model: nn.Module, config: QuantConfig, inputs: tuple[Any,
     }
 
 
-def _check_fingerprint(study: optuna.Study, parts: dict[str, str]) -> str:
+def _check_fingerprint(study: optuna.Study, parts: dict[str, str], coordinator: Coordinator) -> str:
     """The run's fingerprint; a study made for another one has its stored stages cleared, saying why."""
     fingerprint = combine(*parts.values())
     stored = study.user_attrs.get("fingerprint")
     if stored != fingerprint:
+        busy = [] if stored is None else coordinator.live_workers()
+        if busy:
+            raise StorageError(
+                f"study_name: study {study.study_name!r} is being searched by worker(s) {', '.join(busy)} for "
+                f"another model, config or input shape (fingerprint {stored}, this run {fingerprint}); "
+                "choose another study_name"
+            )
         if stored is not None:
             before = study.user_attrs.get("fingerprint_parts")
             changed = [k for k in parts if not isinstance(before, dict) or before.get(k) != parts[k]]
@@ -263,8 +270,8 @@ def _start(
     """Open the study (appended to ``opened``), then evaluate the float model and calibrate, or reuse both."""
     study, label = _open_study(search, paths)
     opened.append(study)
-    fingerprint = _check_fingerprint(study, _fingerprint_parts(model, config, inputs, sens))
     coordinator = Coordinator(study)
+    fingerprint = _check_fingerprint(study, _fingerprint_parts(model, config, inputs, sens), coordinator)
     input_names, output_names, dynamic_axes = names
     setup = RunSetup(
         runner=runner, config=config, paths=paths, inputs=inputs,

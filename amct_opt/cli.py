@@ -7,6 +7,7 @@ Commands::
     amct-opt report STORAGE --study NAME --out DIR
     amct-opt export STORAGE --study NAME --trial N --model-factory module:callable \\
         --input-shape 1,3,224,224 --config tmp/config.json --save-dir results/model
+    amct-opt worker JOB --storage URL --study NAME [--n-trials N] [--processes K]
 
 ``STORAGE`` is a SQLAlchemy URL (``sqlite:///results/amct_opt.db``,
 ``postgresql://user:password@host/db``) or the path of a SQLite file.
@@ -26,6 +27,7 @@ from typing import Any
 
 from .errors import AmctError, InputError
 from .storage import describe_storage, mask_secrets, open_storage
+from .worker import configure_worker_parser
 
 __all__ = ["main"]
 
@@ -175,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--config", required=True, help="the quant config file the search ran with")
     export.add_argument("--save-dir", required=True, help="folder plus file-name prefix, e.g. results/model")
     export.set_defaults(run=_export)
+
+    worker = commands.add_parser("worker", help="run workers of a distributed search on one shared study")
+    configure_worker_parser(worker)
     return parser
 
 

@@ -15,10 +15,11 @@ fails and retries a crashed worker's trial by heartbeat; this module adds:
 * :meth:`Coordinator.once`: under the ``lease:setup`` lease one worker
   evaluates the float model, calibrates and ranks, publishing each in the
   study; the others wait for it and reuse it.
-* :meth:`Coordinator.claim`: under the short ``lease:budget`` mutex a trial
-  checks the global budget and running duplicates, then marks itself as
-  evaluating (user attribute ``worker``): ``n_trials`` is never overshot and
-  no config is evaluated twice.
+* :meth:`Coordinator.claim`: under a short mutex (PostgreSQL's advisory lock,
+  MySQL's ``GET_LOCK``, the ``lease:budget`` lease on SQLite) a trial checks
+  the global budget and running duplicates, then marks itself as evaluating
+  (user attribute ``worker``): ``n_trials`` is never overshot and no config is
+  evaluated twice.
 * worker slots ``lease:worker.<k>``: a live worker holds the lowest free
   ``k``; every worker but ``0`` reseeds its sampler, so that workers given the
   same ``seed`` do not propose the same configs.
@@ -157,6 +158,20 @@ class Coordinator:
 
     def holds(self, key: str) -> bool:
         return key in self._held
+
+    def live_workers(self) -> list[str]:
+        """``host:pid`` of the other workers whose slot lease is alive (heartbeat within the grace period)."""
+        if self._engine is None:
+            return []
+        with self._engine.connect() as conn:
+            now = conn.execute(sa.select(sa.func.now())).scalar_one().replace(tzinfo=None)
+            rows = conn.execute(
+                sa.select(_TABLE.c.value_json).where(
+                    _TABLE.c.study_id == self._study_id, _TABLE.c.key.like("lease:worker.%")
+                )
+            ).scalars()
+            alive = [json.loads(raw) for raw in rows if not self._stale(raw, now)]
+        return [str(v.get("owner", "?")).split("/", 1)[0] for v in alive if v.get("owner") != self._owner]
 
     def try_acquire(self, key: str, keep_alive: bool = True) -> bool:
         """Take ``key`` if it is free or its holder's heartbeat is stale; True when held."""
@@ -330,7 +345,7 @@ class Coordinator:
         while True:
             running = in_flight(study)
             done = study.evaluated_count()
-            if budget is not None and done + len(running) < budget and done < budget:
+            if budget is not None and done + len(running) < budget:
                 return True
             if not running:
                 return False

@@ -5,7 +5,8 @@ PNG files (matplotlib, Agg canvas, written atomically):
 * ``history.png``: the quantized share of each feasible trial and the best so far;
 * ``pareto_front.png``: loss against quantized share, feasible and infeasible
   trials coloured, the feasible Pareto front highlighted;
-* ``param_importance.png``: how much each layer's decision drives the loss;
+* ``param_importance.png``: how much each layer's decision drives the loss
+  (fANOVA, or a simple loss-gap measure when it cannot run);
 * ``layers_kept_float.png``: how often each layer was kept float in feasible
   trials, most sensitive layer first (study attribute ``ranking``).
 
@@ -87,14 +88,20 @@ def float_frequency(rows: list[TrialRow], layers: list[str]) -> dict[str, float]
 def layer_importance(study: optuna.Study, rows: list[TrialRow]) -> tuple[dict[str, float], str]:
     """Each layer's importance for the loss, and the method's name.
 
-    Optuna's default importance evaluator runs on the evaluated trials; when it
-    cannot (too few or too uniform trials) the fallback is, per layer, the
-    normalised gap between the mean loss with it quantized and with it float.
+    Optuna's fANOVA evaluator (it needs scikit-learn) runs on the evaluated
+    trials; when it cannot (too few or too uniform trials, no scikit-learn) the
+    fallback is, per layer, the normalised gap between the mean loss with it
+    quantized and with it float.
     """
     numbers = {r.number for r in rows}
     trials = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
     if len(trials) >= 2:
-        scratch = optuna.create_study()
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            scratch = optuna.create_study()
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         scratch.add_trials(
             [optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=float(t.user_attrs["loss"]))
              for t in trials]
@@ -102,9 +109,11 @@ def layer_importance(study: optuna.Study, rows: list[TrialRow]) -> tuple[dict[st
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                scores = optuna.importance.get_param_importances(scratch)
+                scores = optuna.importance.get_param_importances(
+                    scratch, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+                )
             if scores and all(v == v for v in scores.values()):
-                return dict(scores), "Optuna importance of each decision for the loss"
+                return dict(scores), "fANOVA importance of each decision for the loss"
         except Exception as exc:  # noqa: BLE001 - any evaluator failure falls back
             logger.info("parameter importance fell back to loss gaps: %s", exc)
     layers = sorted({name for r in rows for name in r.plan})

@@ -129,9 +129,10 @@ class SearchLoop:
             record = TrialRecord(trial.number, plan, result, self.study.share(plan), source)
             answer.record = record
             self.evaluations += 1
-            self.progress.evaluated(
-                trial.number, sum(plan.values()), record.share, result, self.study.evaluated_count() + 1
-            )
+            if self.progress.enabled:  # counting the study's evaluations reads every trial
+                self.progress.evaluated(
+                    trial.number, sum(plan.values()), record.share, result, self.study.evaluated_count() + 1
+                )
             return self._returned(self.values(plan, result))
 
         return objective

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 
 from .errors import StorageError
 
@@ -32,6 +33,8 @@ DEFAULT_DB_NAME = "amct_opt.db"
 #: The environment variables AMCT_OPT_HEARTBEAT_S and AMCT_OPT_GRACE_S override them.
 HEARTBEAT_INTERVAL_S = 5
 GRACE_PERIOD_S = 20
+#: Tries at opening an RDB storage whose schema another process is creating at the same moment.
+_SCHEMA_ATTEMPTS = 5
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
 
@@ -97,6 +100,29 @@ def _engine_kwargs(url: str) -> dict[str, object]:
     return {"pool_pre_ping": True}
 
 
+def _rdb_storage(url: str, interval: int, grace: int) -> RDBStorage:
+    """An RDBStorage; retried when another process creates the same new schema at the same moment."""
+    attempt = 0
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=_engine_kwargs(url),
+                    heartbeat_interval=interval,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                )
+        except DatabaseError as exc:
+            # Both created the tables or inserted alembic_version: the schema exists now.
+            race = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            attempt += 1
+            if not race or attempt >= _SCHEMA_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt)
+
+
 def open_storage(storage: str | BaseStorage) -> BaseStorage:
     """An Optuna storage for ``storage`` (a SQLAlchemy URL or a storage object).
 
@@ -118,15 +144,7 @@ def open_storage(storage: str | BaseStorage) -> BaseStorage:
         Path(storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     interval, grace = heartbeat_settings()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                storage,
-                engine_kwargs=_engine_kwargs(storage),
-                heartbeat_interval=interval,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
+        return _rdb_storage(storage, interval, grace)
     except Exception as exc:  # noqa: BLE001 - drivers raise many types; all mean "unreachable"
         message = mask_secrets(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise StorageError(

@@ -52,23 +52,39 @@ from amct_opt.quant_model import QuantizedModel, build_quantized_model
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_export.md"
 BATCH_SIZES = (1, 32)
+logger = logging.getLogger("bench_export")
 WARMUP = 10
 
 Batch = tuple[torch.Tensor, ...]
-#: Runs an ONNX model on a batch of numpy inputs and returns its first output.
-Predict = Callable[[tuple[np.ndarray, ...]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Evaluation batches and the metric of the outputs of all of them (concatenated)."""
+
+    batches: Sequence[Batch]
+    score: Callable[[np.ndarray], float]
 
 
 @dataclass(frozen=True)
 class Row:
-    """One model of one subject: where it is, how fast it runs, how accurate it is."""
+    """One model of one subject: how fast it runs, how accurate it is."""
 
     subject: str
     variant: str
-    path: Path
     latency_ms: dict[int, float]
     metric: float
     integer_ops: int
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Deploy against fake-quant outputs: top-1 agreement and per-output cosine."""
+
+    subject: str
+    top1: float
+    min_cosine: float
+    mean_cosine: float
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -142,19 +158,34 @@ def library_qmodel(model: nn.Module, batches: Sequence[Batch], workdir: Path) ->
         return build_quantized_model(folded, record).eval()
 
 
+def _outputs(session: ort.InferenceSession, batches: Sequence[Batch]) -> np.ndarray:
+    return np.concatenate([session.run(None, _feed(session, [t.numpy() for t in b]))[0] for b in batches])
+
+
+def agreement(subject: str, fake_quant: np.ndarray, deploy: np.ndarray) -> Agreement:
+    cosine = (
+        (fake_quant * deploy).sum(1) / np.linalg.norm(fake_quant, axis=1) / np.linalg.norm(deploy, axis=1)
+    )
+    top1 = float((fake_quant.argmax(1) == deploy.argmax(1)).mean())
+    return Agreement(subject, top1, float(cosine.min()), float(cosine.mean()))
+
+
 def benchmark(
     name: str,
     float_model: nn.Module,
     qmodel: QuantizedModel,
     calibration: Sequence[Batch],
-    evaluate: Callable[[Predict], float],
+    evaluation: Evaluation,
     input_names: Sequence[str],
     output_names: Sequence[str],
     workdir: Path,
     runs: int = 50,
     threads: int = 2,
-) -> list[Row]:
-    """fp32, deploy and quantize_static ONNX models of one subject, timed and evaluated by ``evaluate``."""
+) -> tuple[list[Row], Agreement]:
+    """fp32, deploy and quantize_static ONNX models of one subject: latency and metric of each.
+
+    Also compares the deploy model's outputs with the fake-quant model's.
+    """
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     fp32 = workdir / f"{name}_fp32.onnx"
     export_float_model(float_model, fp32, calibration[0], input_names, output_names, axes)
@@ -169,17 +200,19 @@ def benchmark(
     )
     static = workdir / f"{name}_quantize_static.onnx"
     ort_quantize_static(fp32, static, input_names, calibration)
-    rows = []
+    rows, outputs = [], {}
     for variant, path in (("fp32", fp32), ("deploy", exported.deploy_path), ("quantize_static", static)):
         session = _session(path, threads)
         latency = {
             size: median_latency_ms(session, _resize(calibration[0], size), runs) for size in BATCH_SIZES
         }
-        metric = evaluate(lambda inputs, s=session: s.run(None, _feed(s, inputs))[0])
+        outputs[variant] = _outputs(session, evaluation.batches)
         counts = op_counts(optimized_model(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
-        rows.append(Row(name, variant, path, latency, metric, sum(counts[op] for op in INTEGER_OPS)))
-        logging.info("%s %s: %s ms, metric %.4f", name, variant, latency, metric)
-    return rows
+        integer_ops = sum(counts[op] for op in INTEGER_OPS)
+        rows.append(Row(name, variant, latency, evaluation.score(outputs[variant]), integer_ops))
+        logger.info("%s %s: %s ms, metric %.4f", name, variant, latency, rows[-1].metric)
+    fake_quant = _outputs(_session(exported.fake_quant_path, threads), evaluation.batches)
+    return rows, agreement(name, fake_quant, outputs["deploy"])
 
 
 # -- the examples' subjects -------------------------------------------------------------------
@@ -190,7 +223,7 @@ def _import_examples() -> None:
         sys.path.insert(0, str(ROOT / "examples"))
 
 
-def mobilenet_v2(workdir: Path, runs: int, threads: int) -> list[Row]:
+def mobilenet_v2(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agreement]:
     """The examples' MobileNetV2 trained on MNIST digits; metric: top-1 on the 1,000 test digits."""
     _import_examples()
     from mnist_data import load_mnist
@@ -200,17 +233,17 @@ def mobilenet_v2(workdir: Path, runs: int, threads: int) -> list[Row]:
     model = train_or_load(ROOT / "examples" / ".cache", data).eval()
     batches = [(data.train_x[i : i + 64],) for i in range(0, 256, 64)]
     qmodel = library_qmodel(model, batches, workdir)
+    labels = data.test_y.numpy()
+    evaluation = Evaluation(
+        [(data.test_x[i : i + 250],) for i in range(0, len(data.test_x), 250)],
+        lambda logits: float((logits.argmax(1) == labels).mean()),
+    )
+    return benchmark(
+        "mobilenet_v2", model, qmodel, batches, evaluation, ["input"], ["logits"], workdir, runs, threads
+    )
 
-    def top1(predict: Predict) -> float:
-        logits = np.concatenate(
-            [predict((data.test_x[i : i + 250].numpy(),)) for i in range(0, len(data.test_x), 250)]
-        )
-        return float((logits.argmax(1) == data.test_y.numpy()).mean())
 
-    return benchmark("mobilenet_v2", model, qmodel, batches, top1, ["input"], ["logits"], workdir, runs, threads)
-
-
-def minilm(workdir: Path, runs: int, threads: int) -> list[Row]:
+def minilm(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agreement]:
     """The examples' MiniLM sentence encoder; metric: mean cosine to the fp32 torch embeddings."""
     _import_examples()
     from minilm_encoder import embed, load_minilm, load_sentences, tokenize
@@ -223,23 +256,28 @@ def minilm(workdir: Path, runs: int, threads: int) -> list[Row]:
     reference = embed(model, eval_ids, eval_mask).numpy()
     qmodel = library_qmodel(model, batches, workdir)
 
-    def cosine(predict: Predict) -> float:
-        got = np.concatenate(
-            [
-                predict((eval_ids[i : i + 64].numpy(), eval_mask[i : i + 64].numpy()))
-                for i in range(0, len(eval_ids), 64)
-            ]
-        )
+    def mean_cosine(got: np.ndarray) -> float:
         cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
         return float(cos.mean())
 
+    evaluation = Evaluation(
+        [(eval_ids[i : i + 64], eval_mask[i : i + 64]) for i in range(0, len(eval_ids), 64)], mean_cosine
+    )
     return benchmark(
-        "minilm", model, qmodel, batches, cosine, ["input_ids", "attention_mask"], ["embedding"], workdir, runs,
+        "minilm",
+        model,
+        qmodel,
+        batches,
+        evaluation,
+        ["input_ids", "attention_mask"],
+        ["embedding"],
+        workdir,
+        runs,
         threads,
     )
 
 
-SUBJECTS: dict[str, tuple[str, Callable[[Path, int, int], list[Row]]]] = {
+SUBJECTS: dict[str, tuple[str, Callable[[Path, int, int], tuple[list[Row], Agreement]]]] = {
     "mobilenet_v2": ("top-1", mobilenet_v2),
     "minilm": ("mean cosine", minilm),
 }
@@ -249,21 +287,32 @@ SUBJECTS: dict[str, tuple[str, Callable[[Path, int, int], list[Row]]]] = {
 
 
 def table(rows: Sequence[Row], metrics: dict[str, str]) -> str:
-    """A markdown table: latency per batch size, speed-up over fp32, ratio to quantize_static."""
+    """Latency per batch size, speed-up over fp32, ratio to quantize_static, metric, integer kernels."""
     head = ["model", "variant"] + [f"b{b} ms" for b in BATCH_SIZES]
-    head += ["fp32/this b32", "this/quantize_static b32", "metric", "integer ops"]
+    head += [
+        f"fp32/this b{BATCH_SIZES[-1]}",
+        f"this/quantize_static b{BATCH_SIZES[-1]}",
+        "metric",
+        "integer ops",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key = {(r.subject, r.variant): r for r in rows}
     big = BATCH_SIZES[-1]
     for row in rows:
         fp32 = by_key[(row.subject, "fp32")].latency_ms[big]
-        static = by_key.get((row.subject, "quantize_static"))
+        static = by_key[(row.subject, "quantize_static")].latency_ms[big]
         cells = [row.subject, row.variant] + [f"{row.latency_ms[b]:.3f}" for b in BATCH_SIZES]
-        cells.append(f"{fp32 / row.latency_ms[big]:.2f}x")
-        cells.append(f"{row.latency_ms[big] / static.latency_ms[big]:.2f}" if static else "-")
-        cells.append(f"{metrics[row.subject]} {row.metric:.4f}")
-        cells.append(str(row.integer_ops))
+        cells += [f"{fp32 / row.latency_ms[big]:.2f}x", f"{row.latency_ms[big] / static:.2f}"]
+        cells += [f"{metrics[row.subject]} {row.metric:.4f}", str(row.integer_ops)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def agreement_table(agreements: Sequence[Agreement]) -> str:
+    lines = ["| model | deploy vs fake-quant top-1 | min cosine | mean cosine |", "|---|---|---|---|"]
+    lines += [
+        f"| {a.subject} | {a.top1:.4f} | {a.min_cosine:.5f} | {a.mean_cosine:.5f} |" for a in agreements
+    ]
     return "\n".join(lines)
 
 
@@ -272,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--subjects", nargs="+", choices=sorted(SUBJECTS), default=sorted(SUBJECTS))
     parser.add_argument("--runs", type=int, default=50, help="timed runs per measurement (>= 50)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
-    parser.add_argument("--write-results", action="store_true", help=f"also write the table to {RESULTS}")
+    parser.add_argument("--write-results", action="store_true", help=f"also write the tables to {RESULTS}")
     args: Any = parser.parse_args(argv)
     if args.runs < 50:
         parser.error("--runs must be at least 50")
@@ -280,20 +329,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     rows: list[Row] = []
+    agreements: list[Agreement] = []
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         for subject in args.subjects:
             workdir = Path(tmp) / subject
             workdir.mkdir()
-            rows += SUBJECTS[subject][1](workdir, args.runs, args.threads)
-    text = table(rows, {name: metric for name, (metric, _) in SUBJECTS.items()})
-    command = "python benchmarks/bench_export.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (
+            subject_rows, subject_agreement = SUBJECTS[subject][1](workdir, args.runs, args.threads)
+            rows += subject_rows
+            agreements.append(subject_agreement)
+    command = " ".join(["python benchmarks/bench_export.py", *(sys.argv[1:] if argv is None else argv)])
+    text = (
         f"ORT {ort.__version__}, {args.threads} intra-op threads, median of {args.runs} runs after "
-        f"{WARMUP} warm-up runs.\nCommand: `{command.strip()}`\n"
+        f"{WARMUP} warm-up runs.\nCommand: `{command}`\n\n"
+        + table(rows, {name: metric for name, (metric, _) in SUBJECTS.items()})
+        + "\n\n"
+        + agreement_table(agreements)
+        + "\n"
     )
-    print(header + "\n" + text)
+    print(text)
     if args.write_results:
-        atomic_write_text(RESULTS, header + "\n" + text + "\n")
+        atomic_write_text(RESULTS, text)
 
 
 if __name__ == "__main__":

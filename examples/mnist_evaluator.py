@@ -16,12 +16,15 @@ from torch import nn
 from torch.nn import functional as F
 
 import amct_opt as amct
+
 from mnist_data import MnistSplit
 
 __all__ = ["DEFAULT_TARGET", "MnistEvaluator", "Scores", "score"]
 
-#: Largest allowed drop in mean log-likelihood (nats per test digit).
-DEFAULT_TARGET = 0.005
+#: Largest allowed drop in mean log-likelihood (nats per test digit). INT8 costs this model
+#: little: all-INT8 drops it by about 0.0014 (0.0010-0.0022 over batch_num 1-16), so the
+#: target is tight enough that full INT8 fails and some layers must stay float.
+DEFAULT_TARGET = 0.0005
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Scores:
 
     log_likelihood: float
     top1: float
+
+    def __str__(self) -> str:
+        return f"log-likelihood {self.log_likelihood:.5f}, top-1 {self.top1:.2%}"
 
 
 @torch.no_grad()

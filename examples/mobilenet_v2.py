@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,9 +148,12 @@ def train(data: MnistSplit, epochs: int = EPOCHS, seed: int = SEED) -> MobileNet
     """Train a fresh :class:`MobileNetV2` with SGD + one-cycle LR and random shifts."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = MobileNetV2().to(memory_format=torch.channels_last)  # ~1.8x faster on CPU
+    # channels_last convolutions train ~1.8x faster on CPU; the result is returned contiguous.
+    model = MobileNetV2().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     steps_per_epoch = -(-len(data.train_x) // BATCH_SIZE)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9, nesterov=True, weight_decay=4e-5)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=LEARNING_RATE, momentum=0.9, nesterov=True, weight_decay=4e-5
+    )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=LEARNING_RATE * 10, total_steps=epochs * steps_per_epoch
     )
@@ -191,12 +193,10 @@ def train_or_load(cache_dir: str | os.PathLike[str], data: MnistSplit | None = N
     log.info("training MobileNetV2 on MNIST (%d epochs); weights will be cached in %s", EPOCHS, path)
     model = train(data if data is not None else load_mnist())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return model

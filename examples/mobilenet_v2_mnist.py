@@ -17,24 +17,28 @@ Everything is written under ``--out``, laid out like the reference's sample
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import os
+import pprint
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import amct_opt as amct
 from amct_opt.strategies import OptunaSearch
+
+from example_utils import (
+    export_float_onnx,
+    kept_float,
+    median_latencies,
+    run_session,
+    session,
+    setup_logging,
+    working_directory,
+)
 from mnist_data import MnistSplit, load_mnist
 from mnist_evaluator import DEFAULT_TARGET, MnistEvaluator, Scores, score
 from mobilenet_v2 import MobileNetV2, train_or_load
-from ort_utils import export_float_onnx, median_latencies, run_session, session
 
 log = logging.getLogger("mobilenet_v2_mnist")
 
@@ -55,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs/mnist"), help="output folder")
     parser.add_argument("--strategy", choices=["both", "binary", "optuna"], default="both")
     parser.add_argument(
-        "--n-trials", type=int, default=None, help="Optuna budget: evaluations in the study (default: the strategy's)"
+        "--n-trials", type=int, default=None, help="Optuna budget in evaluations (default: the strategy's)"
     )
     parser.add_argument(
         "--target",
@@ -65,26 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     return parser.parse_args(argv)
-
-
-@contextlib.contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """Run the block in ``path`` (created if missing): the reference writes ``amct_log/`` in the cwd."""
-    path.mkdir(parents=True, exist_ok=True)
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def kept_float(final_config: Path) -> list[str] | None:
-    """Layers with ``quant_enable: false`` in a final config file; None when there is no file."""
-    if not final_config.exists():
-        return None
-    config: dict[str, Any] = json.loads(final_config.read_text(encoding="utf-8"))
-    return [name for name, entry in config.items() if isinstance(entry, dict) and not entry["quant_enable"]]
 
 
 def onnx_report(float_onnx: Path, deploy_onnx: Path, data: MnistSplit) -> tuple[Scores, float]:
@@ -103,7 +87,6 @@ def run_strategy(
     args: argparse.Namespace,
     model: MobileNetV2,
     data: MnistSplit,
-    float_scores: Scores,
     float_onnx: Path,
 ) -> list[str]:
     """One auto-calibration run into ``results/<name>/``; returns its summary lines."""
@@ -125,36 +108,41 @@ def run_strategy(
         dynamic_axes=DYNAMIC_AXES,
         strategy=strategy,
     )
-    elapsed = time.perf_counter() - start
-    log.info("%s result: %s", name, result)
-    lines = [f"[{STRATEGIES[name]}] {elapsed:.0f} s, outputs in {args.out / save_dir.parent}", f"  result: {result}"]
+    lines = [
+        f"[{STRATEGIES[name]}] {time.perf_counter() - start:.0f} s, outputs in {args.out / save_dir.parent}",
+        pprint.pformat(result, width=120, compact=True),
+    ]
     deploy_onnx = save_dir.parent / f"{PREFIX}_deploy_model.onnx"
     floats = kept_float(save_dir.parent / "accuracy_based_auto_calibration_final_config.json")
     if floats is None or not deploy_onnx.exists():
-        return [*lines, "  no quantized model meets the target (loosen --target)"]
+        return [*lines, "no quantized model meets the target (loosen --target)"]
     deploy_scores, speedup = onnx_report(float_onnx, deploy_onnx, data)
     return [
         *lines,
-        f"  float model (torch):   log-likelihood {float_scores.log_likelihood:.5f}, top-1 {float_scores.top1:.2%}",
-        f"  deploy model (ORT):    log-likelihood {deploy_scores.log_likelihood:.5f}, top-1 {deploy_scores.top1:.2%}",
-        f"  layers kept float:     {len(floats)}: {', '.join(floats) or '(none)'}",
-        f"  ORT speed-up vs float: {speedup:.2f}x (batch {BENCH_BATCH}, {BENCH_THREADS} threads, median of {BENCH_RUNS})",
+        f"deploy model (ORT):    {deploy_scores}",
+        f"layers kept float:     {len(floats)}: {', '.join(floats) or '(none)'}",
+        (
+            f"ORT speed-up vs float: {speedup:.2f}x "
+            f"(batch {BENCH_BATCH}, {BENCH_THREADS} threads, median of {BENCH_RUNS})"
+        ),
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
-    torch.manual_seed(0)
+    setup_logging(args.quiet)
     data = load_mnist()
     model = train_or_load(CACHE_DIR, data)
     float_scores = score(model, data.test_x, data.test_y)
-    log.info(
-        "float model: log-likelihood %.5f, top-1 %.2f%%", float_scores.log_likelihood, 100 * float_scores.top1
-    )
-    summary: list[str] = []
+    summary = [
+        "",
+        (
+            "Summary: MobileNetV2 on MNIST; metric = mean log-likelihood of the true class on 1,000 "
+            f"test digits, target: drop < {args.target}"
+        ),
+        f"float model (torch):   {float_scores}",
+    ]
+    log.info(summary[-1])
     with working_directory(args.out):
         amct.create_quant_config("tmp/config.json", model, data.train_x[:1], batch_num=BATCH_NUM)
         float_onnx = export_float_onnx(
@@ -162,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         names = list(STRATEGIES) if args.strategy == "both" else [args.strategy]
         for name in names:
-            summary += run_strategy(name, args, model, data, float_scores, float_onnx)
-    print("\n".join(["", "Summary (MobileNetV2 on MNIST, metric: mean log-likelihood of the true class)", *summary]))
+            summary += run_strategy(name, args, model, data, float_onnx)
+    print("\n".join(summary))
     return 0
 
 

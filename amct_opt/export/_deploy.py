@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from ._deploy_activations import activations_to_uint8, requantize_conv_outputs, share_activation_quantizers
-from ._deploy_weights import fold_weight_quantizers, fold_weight_transposes, quantize_biases
+from ._deploy_weights import fold_weight_quantizers, fold_weight_transposes, quantize_biases, static_tensors
 from ._graph import Graph
 from ._markers import strip_markers
 
@@ -24,18 +24,21 @@ def to_deploy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """The int8 deploy form of a traced model (edited in place).
 
     Weights become int8 initializers + DequantizeLinear (transposes folded in),
-    biases of quantized Conv/Gemm/Linear int32 + DequantizeLinear, identical
+    biases int32 + DequantizeLinear where ORT's integer kernels take them, identical
     activation quantizers are shared, every quantized Conv gets an output
     QuantizeLinear so that ORT runs it as QLinearConv, and activations are
     stored as uint8 (zero point + 128: the same real values).
     """
     graph = Graph(model)
     outputs = strip_markers(graph)
+    graph.commit()
+    static = static_tensors(model)
+    graph = Graph(model)
     fold_weight_quantizers(graph)
     fold_weight_transposes(graph)
     share_activation_quantizers(graph)
     requantize_conv_outputs(graph, outputs)
-    quantize_biases(graph)
+    quantize_biases(graph, static)
     activations_to_uint8(graph)
     graph.commit()
     return model

@@ -8,7 +8,7 @@ import onnx
 from ._graph import Graph
 from ._qdq import QParams, qparams, quantize_array
 
-__all__ = ["fold_weight_quantizers", "fold_weight_transposes", "quantize_biases"]
+__all__ = ["fold_weight_quantizers", "fold_weight_transposes", "quantize_biases", "static_tensors"]
 
 _INT32 = np.iinfo(np.int32)
 
@@ -74,7 +74,24 @@ def _input_params(graph: Graph, node: onnx.NodeProto) -> QParams | None:
     return qp if qp is not None and qp.per_tensor else None
 
 
-def _bias_site(graph: Graph, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int, int] | None:
+def static_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the tensors whose shape ONNX shape inference knows completely (no symbolic dims)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (ValueError, onnx.shape_inference.InferenceError):
+        return set()
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {
+        v.name
+        for v in values
+        if v.type.tensor_type.HasField("shape")
+        and all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)
+    }
+
+
+def _bias_site(
+    graph: Graph, node: onnx.NodeProto, static: set[str]
+) -> tuple[onnx.NodeProto, int, int] | None:
     """Where ``node``'s float bias is: (node holding it, input index, weight output-channel axis)."""
     if node.op_type == "Conv" and len(node.input) == 3 and node.input[2]:
         return node, 2, 0
@@ -86,7 +103,7 @@ def _bias_site(graph: Graph, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int,
             return None
         trans_b = "transB" in attrs and attrs["transB"].i
         return node, 2, 0 if trans_b else 1
-    if node.op_type == "MatMul":
+    if node.op_type == "MatMul" and node.input[0] in static:
         consumers = graph.consumers(node.output[0])
         if len(consumers) != 1 or consumers[0].op_type != "Add" or graph.is_output(node.output[0]):
             return None
@@ -96,15 +113,21 @@ def _bias_site(graph: Graph, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int,
     return None
 
 
-def quantize_biases(graph: Graph) -> None:
+def quantize_biases(graph: Graph, static: set[str]) -> None:
     """Float bias of a quantized Conv/Gemm/MatMul+Add -> int32 initializer + DequantizeLinear.
 
     Scale ``scale_d * scale_w`` (per output channel), zero point 0: the form ORT
-    fuses into QLinearConv/QGemm.  ConvTranspose keeps its float bias (no
-    integer kernel for it in ORT's CPU provider).
+    fuses into QLinearConv/QGemm, which round the bias to that scale anyway.
+    Elsewhere the bias stays float, exactly as in the fake-quant model:
+
+    - ConvTranspose: ORT's CPU provider has no integer kernel for it;
+    - MatMul + Add (a Linear on 3-D input) whose input shape is not fully known
+      (``static`` lists the tensors whose shape is): ORT only turns MatMul + Add
+      into (Q)Gemm for static shapes; otherwise it runs MatMulIntegerToFloat and
+      an int32 bias would only add a rounding error and a DequantizeLinear.
     """
     for node in list(graph.nodes):
-        site = _bias_site(graph, node)
+        site = _bias_site(graph, node, static)
         if site is None:
             continue
         holder, index, channel_axis = site

@@ -131,6 +131,7 @@ class OptunaSearch(SearchStrategy):
             raise StrategyError(f"max_failures: expected an int >= 0, got {max_failures!r}")
         self.sampler = sampler
         self.n_trials = n_trials
+        self._n_trials_given = n_trials
         self.timeout = timeout
         self.storage = storage
         self.study_name = study_name
@@ -170,8 +171,10 @@ class OptunaSearch(SearchStrategy):
     # -- ask / tell --------------------------------------------------------
     def start(self, context: SearchContext) -> None:
         self._context = context
-        if self.n_trials is None and self.timeout is None:
+        if self._n_trials_given is None and self.timeout is None:
             self.n_trials = self.default_budget(len(context.layers))
+        self._binary, self._incumbent, self._incumbent_share = None, None, -1.0
+        self._tried, self._turn = set(), 0
         self._weights = {name: _weight(context.costs[name], self.objective) for name in context.layers}
         self._model = LossModel(context.layers, self._weights, context.ranking.scores, self.seed)
         self._record(dict.fromkeys(context.layers, True), context.all_quant)

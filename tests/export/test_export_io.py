@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from export_cases import Exported
+from export_cases import exported
 from export_helpers import Mlp, quantize, run_ort, session, torch_out
 from torch import nn
 
@@ -140,7 +139,7 @@ def test_default_threshold_is_protobufs_2gb_limit() -> None:
 
 
 def test_exports_use_external_data_past_the_threshold(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exported: Callable[[str], Exported]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     case = exported("conv_stack")
     x = case.calibration[:2]

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from export_cases import CASES, Exported
+from export_cases import CASES, exported
 from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
 
 from amct_opt.export import export_fake_quant_model
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_ort_matches_torch_within_one_output_step(name: str, exported: Callable[[str], Exported]) -> None:
+def test_ort_matches_torch_within_one_output_step(name: str) -> None:
     """Tolerance: one 8-bit step of the output's range, (max - min) / 255, on unseen inputs."""
     case = exported(name)
     expected = torch_out(case.qmodel, case.test)
@@ -27,9 +26,7 @@ def test_ort_matches_torch_within_one_output_step(name: str, exported: Callable[
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(
-    name: str, exported: Callable[[str], Exported]
-) -> None:
+def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(name: str) -> None:
     case = exported(name)
     model = onnx.load(case.paths.fake_quant_path)
     onnx.checker.check_model(model, full_check=True)
@@ -54,9 +51,7 @@ def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(
     assert len(quantizers) == 2 * sum(case.qmodel.plan.values())
 
 
-def test_per_channel_weight_quantizers_use_the_output_channel_axis(
-    exported: Callable[[str], Exported],
-) -> None:
+def test_per_channel_weight_quantizers_use_the_output_channel_axis() -> None:
     model = onnx.load(exported("conv_transpose").paths.fake_quant_path)
     axes = {
         layer: next(

@@ -234,3 +234,14 @@ def test_beats_binary_search_at_twice_its_evaluations(seed: int) -> None:
         default=0.0,
     )
     assert best.share >= 0.98 * optimum or math.isclose(best.share, optimum)
+
+
+def test_one_instance_can_run_twice() -> None:
+    strategy = OptunaSearch(seed=0, show_progress=False)
+    small = run_strategy(make_landscape(4, seed=11), strategy)
+    assert strategy.n_trials == OptunaSearch.default_budget(4)
+    large_landscape = make_landscape(16, seed=12)
+    large = run_strategy(large_landscape, strategy)
+    assert strategy.n_trials == OptunaSearch.default_budget(16)
+    assert large.study.evaluated_count() > small.study.evaluated_count()
+    assert len(large_landscape.calls) == len(set(large_landscape.calls))

@@ -1,21 +1,67 @@
-"""ONNX Runtime helpers shared by the examples: float export, sessions, latency."""
+"""Helpers shared by the example scripts: output folder, final config, float ONNX export, ORT timing."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import statistics
-import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
-__all__ = ["export_float_onnx", "median_latencies", "session", "run_session"]
+__all__ = [
+    "export_float_onnx",
+    "kept_float",
+    "median_latencies",
+    "run_session",
+    "session",
+    "setup_logging",
+    "working_directory",
+]
+
+#: amct_opt exports its models at opset 17; the float baseline uses the same, for a fair timing.
+ONNX_OPSET = 17
+
+
+def setup_logging(quiet: bool) -> None:
+    """Progress lines (amct_opt's included) on stderr at INFO, or only warnings when ``quiet``.
+
+    Also hides the tracer warnings that ONNX export prints for the examples' static shapes.
+    """
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=[handler])
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run the block in ``path`` (created if missing): the reference writes ``amct_log/`` in the cwd."""
+    path.mkdir(parents=True, exist_ok=True)
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def kept_float(final_config: Path) -> list[str] | None:
+    """Layers with ``quant_enable: false`` in a final config file; None when there is no file."""
+    if not final_config.exists():
+        return None
+    config: dict[str, Any] = json.loads(final_config.read_text(encoding="utf-8"))
+    return [name for name, entry in config.items() if isinstance(entry, dict) and not entry["quant_enable"]]
 
 
 def export_float_onnx(
@@ -29,8 +75,7 @@ def export_float_onnx(
     """Export the fp32 model with the TorchScript exporter (``dynamo=False``), atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
@@ -41,12 +86,12 @@ def export_float_onnx(
                 input_names=list(input_names),
                 output_names=list(output_names),
                 dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                opset_version=ONNX_OPSET,
                 dynamo=False,
             )
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -71,11 +116,11 @@ def median_latencies(
     """Median wall time (s) of each session on ``inputs``; calls are interleaved so load affects all alike."""
     feeds = [{meta.name: x.numpy() for meta, x in zip(s.get_inputs(), inputs, strict=True)} for s in sessions]
     for _ in range(warmup):
-        for sess, feed in zip(sessions, feeds):
+        for sess, feed in zip(sessions, feeds, strict=True):
             sess.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        for sess, feed, record in zip(sessions, feeds, times):
+        for sess, feed, record in zip(sessions, feeds, times, strict=True):
             start = time.perf_counter()
             sess.run(None, feed)
             record.append(time.perf_counter() - start)
