@@ -22,11 +22,11 @@ from torch import nn
 from .auto_calibration_setup import RunSetup, prepare_run
 from .outputs import write_json, write_ranking
 from .progress import SearchProgress
+from .run_logging import log_to_file
 from .search_loop import SearchLoop
 from .sensitivity import score_layers
 from .strategies.base import Proposal, SearchContext
 from .trial_export import write_plan_outputs
-from .run_logging import log_to_file
 from .types import EvalResult, Plan, Ranking
 
 __all__ = ["AutoCalibrationResult", "accuracy_based_auto_calibration"]

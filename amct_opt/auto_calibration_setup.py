@@ -17,7 +17,7 @@ import optuna
 from torch import nn
 
 from . import __version__
-from .calibration import calibrate
+from .calibration import Calibration, calibrate_layers
 from .config import QuantConfig
 from .cost import measure_layer_costs
 from .distributed import Coordinator
@@ -35,7 +35,7 @@ from .sensitivity import SensitivityBase, resolve_sensitivity
 from .storage import default_storage_url, describe_storage, mask_secrets, open_storage
 from .strategies import SearchStrategy, resolve_strategy
 from .trials import SearchStudy
-from .types import EvalResult, LayerCost, Plan, Record
+from .types import EvalResult, LayerCost, Plan
 
 __all__ = ["RunSetup", "prepare_run", "validate_dynamic_axes"]
 
@@ -93,7 +93,11 @@ def _open_study(search: SearchStrategy, paths: OutputPaths) -> tuple[optuna.Stud
         raise StorageError(f"storage: cannot open {label}: {exc}") from None
     name = search.study_name or paths.prefix
     sampler = search.study_sampler() or optuna.samplers.TPESampler(seed=search.seed)
-    directions = ["minimize", "maximize"] if search.multi_objective else ["maximize"]
+    directions: list[optuna.study.StudyDirection] = (
+        [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE]
+        if search.multi_objective
+        else [optuna.study.StudyDirection.MAXIMIZE]
+    )
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -142,22 +146,25 @@ def _float_metric(setup: RunSetup, model: nn.Module) -> float:
 def _calibrate(setup: RunSetup, folded: nn.Module) -> QuantizedModel:
     """Calibrated by one worker (the setup lease holder), published in the study, reused by all."""
 
-    def stored() -> Record | None:
+    def stored() -> Calibration | None:
         text = setup.study.get_text("record")
         record = None if text is None else record_from_text(text)
-        return record if record is not None and set(record) == set(setup.layers) else None
+        if record is None or set(record) != set(setup.layers):
+            return None
+        return Calibration(record, setup.study.output_ranges())
 
-    def compute() -> Record:
+    def compute() -> Calibration:
         logger.info("calibrating %d layers", len(setup.layers))
-        record = calibrate(folded, setup.config, setup.runner.calibrate)
-        setup.study.set_text("record", record_to_text(record))
-        return record
+        calibration = calibrate_layers(folded, setup.config, setup.runner.calibrate)
+        setup.study.set_output_ranges(calibration.output_ranges)
+        setup.study.set_text("record", record_to_text(calibration.record))
+        return calibration
 
-    record, computed = setup.coordinator.once("calibration", stored, compute)
+    calibration, computed = setup.coordinator.once("calibration", stored, compute)
     if not computed:
         logger.info("calibration reused from the study (fingerprint %s)", setup.fingerprint)
-    write_record(setup.paths.record_file, record)
-    return build_quantized_model(folded, record)
+    write_record(setup.paths.record_file, calibration.record)
+    return build_quantized_model(folded, calibration.record, calibration.output_ranges)
 
 
 def prepare_run(
@@ -254,7 +261,7 @@ def _check_fingerprint(study: optuna.Study, parts: dict[str, str], coordinator: 
                 "Recomputing the float metric, calibration and ranking; earlier trials are kept "
                 "but not reused", study.study_name, " and the ".join(changed), stored, fingerprint,
             )
-        for key in ("float_metric", "all_quant_metric", "ranking", "record.parts"):
+        for key in ("float_metric", "all_quant_metric", "ranking", "record.parts", "output_ranges.parts"):
             if key in study.user_attrs:
                 study.set_user_attr(key, None)
         study.set_user_attr("fingerprint_parts", parts)

@@ -1,8 +1,14 @@
-"""Calibration: observers on every enabled layer's input, driven by the user's own loop."""
+"""Calibration: observers on every enabled layer's input, driven by the user's own loop.
+
+The same pass also records each layer's output range, which the deploy export
+needs where it requantizes a convolution's output: one pass of the user's
+``calibration()`` gives both.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,9 +18,16 @@ from .config import QuantConfig
 from .errors import CalibrationError
 from .layers import weight_channel_axis
 from .observers import arq_quantize, make_activation_observer
-from .types import LayerQuantFactors, Record
+from .types import LayerQuantFactors, OutputRange, OutputRanges, Record
 
-__all__ = ["Calibrator", "calibrate", "weight_is_channel_wise"]
+__all__ = [
+    "Calibration",
+    "Calibrator",
+    "calibrate",
+    "calibrate_layers",
+    "weight_is_channel_wise",
+    "widen_output_range",
+]
 
 CalibrationFn = Callable[[nn.Module], Any]
 
@@ -26,8 +39,24 @@ def weight_is_channel_wise(module: nn.Module, channel_wise: bool) -> bool:
     return channel_wise
 
 
+def widen_output_range(ranges: OutputRanges, name: str, out: Any) -> None:
+    """Widen ``ranges[name]`` (which always holds 0) to the min and max of the tensor ``out``."""
+    if isinstance(out, torch.Tensor) and out.numel():
+        seen = OutputRange(min(0.0, float(out.min())), max(0.0, float(out.max())))
+        old = ranges.get(name)
+        ranges[name] = seen if old is None else old.union(seen)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one calibration pass found: the record's factors and each layer's output range."""
+
+    record: Record
+    output_ranges: OutputRanges
+
+
 class Calibrator:
-    """Observes the inputs of ``config``'s enabled layers while attached to ``model``."""
+    """Observes the inputs (and output ranges) of ``config``'s enabled layers while attached to ``model``."""
 
     def __init__(self, model: nn.Module, config: QuantConfig) -> None:
         self.model = model
@@ -36,6 +65,7 @@ class Calibrator:
         self.observers = {
             name: make_activation_observer(config.layers[name].activation) for name in self.layers
         }
+        self.output_ranges: OutputRanges = {}
         self.batches = 0
         self._handles: list[Any] = []
 
@@ -49,7 +79,11 @@ class Calibrator:
             def observe(_mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
                 self.observers[name].update(args[0].detach())
 
+            def observe_output(_mod: nn.Module, _args: Any, out: Any, name: str = name) -> None:
+                widen_output_range(self.output_ranges, name, out)
+
             self._handles.append(module.register_forward_pre_hook(observe))
+            self._handles.append(module.register_forward_hook(observe_output))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -74,14 +108,15 @@ class Calibrator:
             scale_d, offset_d = observer.compute()
             channel_wise = weight_is_channel_wise(module, self.config.layers[name].weight.channel_wise)
             scale_w, offset_w = arq_quantize(
-                module.weight.detach(), channel_wise, weight_channel_axis(module)
+                module.get_parameter("weight").detach(), channel_wise, weight_channel_axis(module),
+                self.config.layers[name].weight.num_bits,
             )
             record[name] = LayerQuantFactors(scale_d, offset_d, scale_w, offset_w)
         return record
 
 
-def calibrate(model: nn.Module, config: QuantConfig, run_calibration: CalibrationFn) -> Record:
-    """Run ``run_calibration(model)`` once with observers attached; return the factors.
+def calibrate_layers(model: nn.Module, config: QuantConfig, run_calibration: CalibrationFn) -> Calibration:
+    """Run ``run_calibration(model)`` once with observers attached; return the factors and output ranges.
 
     ``model`` is the folded float copy.  Every enabled layer must run at least
     once, and the model must be called at least ``config.batch_num`` times.
@@ -93,4 +128,9 @@ def calibrate(model: nn.Module, config: QuantConfig, run_calibration: Calibratio
             run_calibration(model)
     finally:
         calibrator.detach()
-    return calibrator.finalize()
+    return Calibration(calibrator.finalize(), dict(calibrator.output_ranges))
+
+
+def calibrate(model: nn.Module, config: QuantConfig, run_calibration: CalibrationFn) -> Record:
+    """:func:`calibrate_layers`, the factors only."""
+    return calibrate_layers(model, config, run_calibration).record

@@ -47,12 +47,15 @@ __all__ = [
     "as_path",
     "ACT_ALGOS",
     "NUM_OF_BINS",
+    "WEIGHT_NUM_BITS",
     "IFMR_KEYS",
     "HFMG_KEYS",
 ]
 
 ACT_ALGOS: tuple[str, ...] = ("ifmr", "hfmg")
 NUM_OF_BINS: tuple[int, ...] = (1024, 2048, 4096, 8192)
+#: Weight bit widths: 8, or 7 (stored as int8 in [-63, 63]; see :meth:`Validator.weight_num_bits`).
+WEIGHT_NUM_BITS: tuple[int, ...] = (8, 7)
 IFMR_KEYS: tuple[str, ...] = ("max_percentile", "min_percentile", "search_range", "search_step")
 HFMG_KEYS: tuple[str, ...] = ("num_of_bins",)
 _ACT_KEYS = ("num_bits", "act_algo", "asymmetric", *IFMR_KEYS, *HFMG_KEYS)
@@ -124,6 +127,17 @@ class Validator:
         if self.integer(value, path) != 8:
             self.fail(path, f"must be 8 (only INT8 is supported), got {value}")
         return 8
+
+    def weight_num_bits(self, value: Any, path: str) -> int:
+        """8, or 7: int8 weights in [-63, 63], which x86 u8s8 kernels without VNNI cannot saturate."""
+        bits = self.integer(value, path)
+        if bits not in WEIGHT_NUM_BITS:
+            self.fail(
+                path,
+                f"must be 8, or 7 for weights that x86 CPUs without VNNI multiply without int16 "
+                f"saturation (like ONNX Runtime's reduce_range), got {value}",
+            )
+        return bits
 
     def layer_names(self, value: Any, path: str, known: Sequence[str] | None) -> tuple[str, ...]:
         """A list of layer names, each in ``known`` when that is given."""
@@ -211,7 +225,12 @@ def _search_range(check: Validator, value: Any, path: str) -> tuple[float, float
 
 @dataclass(frozen=True)
 class WeightQuantParams:
-    """How one layer's weight is quantized (ARQ, symmetric int8)."""
+    """How one layer's weight is quantized (ARQ, symmetric int8).
+
+    ``num_bits`` 7 keeps the int8 weights in [-63, 63]: on x86 CPUs without VNNI,
+    ONNX Runtime's u8s8 kernels add pairs of u8 x s8 products in int16
+    (VPMADDUBSW), which 8-bit weights can overflow; 255 * 63 * 2 cannot.
+    """
 
     num_bits: int = 8
     wts_algo: str = "arq_quantize"
@@ -227,7 +246,7 @@ class WeightQuantParams:
         check = Validator(source)
         data = check.mapping(data, path, _WTS_KEYS)
         return cls(
-            num_bits=check.num_bits(data.get("num_bits", 8), join_path(path, "num_bits")),
+            num_bits=check.weight_num_bits(data.get("num_bits", 8), join_path(path, "num_bits")),
             wts_algo=check.choice(data.get("wts_algo", "arq_quantize"), join_path(path, "wts_algo"),
                                   ("arq_quantize",)),
             channel_wise=check.boolean(data.get("channel_wise", default_channel_wise),

@@ -73,7 +73,7 @@ BUDGET_LEASE = "lease:budget"
 #: User attribute of a trial that evaluates (or evaluated) its config: the worker's name.
 WORKER_ATTR = "worker"
 #: Seconds between two looks at a lease held by another worker.
-POLL_S = 0.5
+POLL_S = 0.25
 #: Seconds between two "still waiting" log lines.
 REMIND_S = 60.0
 
@@ -190,9 +190,8 @@ class Coordinator:
                     elif not self._stale(raw, now):
                         return False
                     else:
-                        swapped = conn.execute(
-                            sa.update(_TABLE).where(self._where(key), _TABLE.c.value_json == raw).values(value_json=value)
-                        )
+                        swap = sa.update(_TABLE).where(self._where(key), _TABLE.c.value_json == raw)
+                        swapped = conn.execute(swap.values(value_json=value))
                         if swapped.rowcount != 1:
                             return False
                         logger.info("worker %s stopped sending heartbeats: %s took over %s",

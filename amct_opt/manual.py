@@ -99,7 +99,7 @@ def save_model(modified_onnx_file: str, record_file: str, save_path: str) -> Non
     record = session.calibrator.finalize()
     write_record(record_file, record)
     with torch.no_grad():
-        qmodel = build_quantized_model(session.model, record)
+        qmodel = build_quantized_model(session.model, record, session.calibrator.output_ranges)
     export_models(
         qmodel, str(save_path), session.inputs, session.input_names, session.output_names,
         session.dynamic_axes,

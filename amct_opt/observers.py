@@ -410,12 +410,15 @@ def make_activation_observer(params: ActivationQuantParams) -> ActivationObserve
 
 
 def arq_quantize(
-    weight: torch.Tensor, channel_wise: bool, axis: int = 0
+    weight: torch.Tensor, channel_wise: bool, axis: int = 0, num_bits: int = 8
 ) -> tuple[tuple[float, ...], tuple[int, ...]]:
-    """ARQ: symmetric int8 max-abs scales, one per channel along ``axis`` or one per tensor.
+    """ARQ: symmetric max-abs scales, one per channel along ``axis`` or one per tensor.
 
-    Offsets are all 0; an all-zero channel gets :data:`ZERO_RANGE_SCALE`.
+    ``num_bits`` 8 maps the largest magnitude to 127; 7 maps it to 63 (the values
+    stay int8).  Offsets are all 0; an all-zero channel gets :data:`ZERO_RANGE_SCALE`.
     """
+    if num_bits not in (7, 8):
+        raise InputError(f"num_bits: expected 7 or 8, got {num_bits!r}")
     if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
         raise InputError("weight must be a non-empty torch.Tensor")
     w = weight.detach().to(device="cpu", dtype=torch.float32)
@@ -427,5 +430,6 @@ def arq_quantize(
         bounds = w.abs().amax().reshape(1)
     if not bool(torch.isfinite(bounds).all()):
         raise InputError("weight holds NaN or Inf")
-    scales = tuple(symmetric_params(b)[0] for b in bounds.tolist())
+    qmax = 2 ** (num_bits - 1) - 1
+    scales = tuple(_finish_scale(b / qmax) for b in bounds.tolist())
     return scales, (0,) * len(scales)

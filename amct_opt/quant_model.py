@@ -18,7 +18,7 @@ from torch.func import functional_call
 from .errors import InputError
 from .fake_quant import fake_quant, fake_quant_per_channel
 from .layers import weight_channel_axis
-from .types import LayerQuantFactors, Plan, Record
+from .types import LayerQuantFactors, OutputRanges, Plan, Record
 
 __all__ = ["QuantLayer", "QuantizedModel", "build_quantized_model"]
 
@@ -44,34 +44,35 @@ class QuantLayer(nn.Module):
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         per_channel = len(factors.scale_w) > 1
         self.weight_axis: int | None = weight_channel_axis(module) if per_channel else None
-        if per_channel and weight.shape[self.weight_axis] != len(factors.scale_w):
+        if self.weight_axis is not None and weight.shape[self.weight_axis] != len(factors.scale_w):
             raise InputError(
                 f"record_file: layer {name!r} has {len(factors.scale_w)} weight scales, "
                 f"but its weight has {weight.shape[self.weight_axis]} output channels"
             )
-        kw = {"device": weight.device, "dtype": torch.float32}
-        self.register_buffer("scale_d", torch.tensor(factors.scale_d, **kw))
-        self.register_buffer("offset_d", torch.tensor(float(factors.offset_d), **kw))
-        self.register_buffer("scale_w", torch.tensor(factors.scale_w, **kw))
-        self.register_buffer("offset_w", torch.tensor([float(o) for o in factors.offset_w], **kw))
+        device, f32 = weight.device, torch.float32
+        self.register_buffer("scale_d", torch.tensor(factors.scale_d, device=device, dtype=f32))
+        self.register_buffer("offset_d", torch.tensor(float(factors.offset_d), device=device, dtype=f32))
+        self.register_buffer("scale_w", torch.tensor(factors.scale_w, device=device, dtype=f32))
+        self.register_buffer("offset_w", torch.tensor([float(o) for o in factors.offset_w], device=device, dtype=f32))
         with torch.no_grad():
             self.register_buffer("fq_weight", self._fake_quant_weight(weight.detach()))
 
     def _fake_quant_weight(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.float()
+        scale_w, offset_w = self.get_buffer("scale_w"), self.get_buffer("offset_w")
         if self.weight_axis is None:
-            out = fake_quant(w, self.scale_w[0], self.offset_w[0])
+            out = fake_quant(w, scale_w[0], offset_w[0])
         else:
-            out = fake_quant_per_channel(w, self.scale_w, self.offset_w, self.weight_axis)
+            out = fake_quant_per_channel(w, scale_w, offset_w, self.weight_axis)
         return out.to(weight.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x.float(), self.scale_d, self.offset_d).to(x.dtype)
+        return fake_quant(x.float(), self.get_buffer("scale_d"), self.get_buffer("offset_d")).to(x.dtype)
 
     def quant_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The fake-quant computation, whatever ``quant_enabled`` says."""
         return functional_call(
-            self.module, {"weight": self.fq_weight}, (self.quantize_input(x), *args), kwargs
+            self.module, {"weight": self.get_buffer("fq_weight")}, (self.quantize_input(x), *args), kwargs
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -84,12 +85,19 @@ class QuantLayer(nn.Module):
 
 
 class QuantizedModel(nn.Module):
-    """The float model with its calibrated layers wrapped; switch them with :meth:`set_plan`."""
+    """The float model with its calibrated layers wrapped; switch them with :meth:`set_plan`.
 
-    def __init__(self, model: nn.Module, layers: dict[str, QuantLayer]) -> None:
+    ``output_ranges`` holds the layers' output ranges seen during calibration,
+    for the deploy export (empty when unknown).
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: dict[str, QuantLayer], output_ranges: OutputRanges | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self._layers = layers
+        self.output_ranges: OutputRanges = dict(output_ranges or {})
 
     @property
     def layer_names(self) -> list[str]:
@@ -120,8 +128,13 @@ class QuantizedModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def build_quantized_model(float_model: nn.Module, record: Record) -> QuantizedModel:
+def build_quantized_model(
+    float_model: nn.Module, record: Record, output_ranges: OutputRanges | None = None
+) -> QuantizedModel:
     """Wrap, in place, every layer of ``float_model`` named in ``record``.
+
+    ``output_ranges`` are the layers' calibration output ranges, if known (see
+    :class:`amct_opt.calibration.Calibration`).
 
     ``float_model`` must be the private copy made by :func:`amct_opt.fusion.fold_conv_bn`.
     """
@@ -138,7 +151,7 @@ def build_quantized_model(float_model: nn.Module, record: Record) -> QuantizedMo
         for alias in aliases[id(module)]:
             float_model.set_submodule(alias, layer)
         layers[name] = layer
-    return QuantizedModel(float_model, layers)
+    return QuantizedModel(float_model, layers, output_ranges)
 
 
 def plan_from_mapping(names: list[str], mapping: Mapping[str, bool] | None) -> dict[str, bool]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ._io import atomic_write_bytes, atomic_write_text
 from .errors import InputError
 from .trials import INT8
 
-__all__ = ["TrialRow", "read_trials", "pareto_front", "float_frequency", "layer_importance", "write_report"]
+__all__ = ["TrialRow", "float_frequency", "layer_importance", "pareto_front", "read_trials", "write_report"]
 
 logger = logging.getLogger("amct_opt")
 
@@ -103,8 +104,12 @@ def layer_importance(study: optuna.Study, rows: list[TrialRow]) -> tuple[dict[st
         finally:
             optuna.logging.set_verbosity(verbosity)
         scratch.add_trials(
-            [optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=float(t.user_attrs["loss"]))
-             for t in trials]
+            [
+                optuna.trial.create_trial(
+                    params=t.params, distributions=t.distributions, value=float(t.user_attrs["loss"])
+                )
+                for t in trials
+            ]
         )
         try:
             with warnings.catch_warnings():
@@ -112,7 +117,7 @@ def layer_importance(study: optuna.Study, rows: list[TrialRow]) -> tuple[dict[st
                 scores = optuna.importance.get_param_importances(
                     scratch, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
                 )
-            if scores and all(v == v for v in scores.values()):
+            if scores and all(math.isfinite(v) for v in scores.values()):
                 return dict(scores), "fANOVA importance of each decision for the loss"
         except Exception as exc:  # noqa: BLE001 - any evaluator failure falls back
             logger.info("parameter importance fell back to loss gaps: %s", exc)

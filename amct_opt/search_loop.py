@@ -9,6 +9,7 @@ worker is evaluating right now is skipped.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 #: Consecutive sampler proposals that repeat stored configs before the search stops.
 MAX_CONSECUTIVE_REPEATS = 25
 #: Seconds between checks on a config that another trial is evaluating.
-POLL_S = 1.0
+POLL_S = 0.5
+#: Layers flipped at most when a repeated sampler proposal is mutated into a new config.
+MAX_MUTATION_FLIPS = 3
 
 
 class EvaluationFailed(Exception):
@@ -158,6 +161,38 @@ class SearchLoop:
                 )
         return answer
 
+    def mutated(self, plan: Plan) -> dict[str, bool] | None:
+        """A config near ``plan`` that is neither stored nor queued nor running; None if none is found.
+
+        Flips one layer, else two, else three, chosen at random (seeded by the
+        config and the study's size, so that one process is reproducible).  A
+        sampler in a small binary space soon proposes stored configs again; its
+        repeat is turned into a new neighbouring config instead of a wasted turn.
+        """
+        known = self.study.known_keys()
+        layers = list(self.study.layers)
+        rng = random.Random(f"{self.study.key(plan)}:{len(known)}")
+        for flips in range(1, min(MAX_MUTATION_FLIPS, len(layers)) + 1):
+            for _ in range(4 * len(layers)):
+                chosen = set(rng.sample(layers, flips))
+                candidate = {name: plan[name] != (name in chosen) for name in layers}
+                if any(candidate.values()) and self.study.key(candidate) not in known:
+                    return candidate
+        return None
+
+    def sample(self, source: str) -> _TrialAnswer:
+        """A sampler trial while waiting for another worker; when it repeats a stored config,
+        evaluate a new neighbour of it instead, so that the wait is not spent on repeats."""
+        before = self.evaluations
+        answer = self.run_trial(source)
+        if self.evaluations > before or self.budget_spent or answer.record is None:
+            return answer
+        neighbour = self.mutated(answer.record.plan)
+        if neighbour is None:
+            return answer
+        record = self.answer(Proposal(neighbour, f"{source}_mutation"))  # queued like a fixed plan
+        return _TrialAnswer(-1 if record is None else record.number, record)
+
     # -- the loop -------------------------------------------------------------
     def answer(self, proposal: Proposal, meanwhile: bool = False) -> TrialRecord | None:
         """The stored result of a fixed plan, evaluating it first if needed; None when the budget is spent.
@@ -167,6 +202,7 @@ class SearchLoop:
         """
         assert proposal.plan is not None
         waiting_logged = False
+        misses = 0  # meanwhile trials in a row that evaluated nothing (the sampler repeated itself)
         while True:
             stored = self.study.lookup(proposal.plan, self.judge)
             if stored is not None:
@@ -174,11 +210,12 @@ class SearchLoop:
             state = self.study.pending(proposal.plan)
             if state is TrialState.RUNNING and meanwhile:
                 before = self.evaluations
-                self.run_trial("sampler")
+                self.sample("sampler")
                 if self.budget_spent:
                     return None
-                if self.evaluations == before:
-                    time.sleep(POLL_S)
+                misses = 0 if self.evaluations > before else misses + 1
+                if misses:
+                    time.sleep(min(POLL_S, 0.05 * 2**misses))
                 continue
             if state is TrialState.RUNNING:
                 # Another worker evaluates it, or a crashed run left it RUNNING: Optuna's

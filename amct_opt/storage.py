@@ -11,7 +11,8 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from sqlalchemy.engine import make_url
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 
 from .errors import StorageError
@@ -95,9 +96,23 @@ def heartbeat_settings() -> tuple[int, int]:
 
 def _engine_kwargs(url: str) -> dict[str, object]:
     if url.startswith("sqlite"):
-        # Several processes on one SQLite file wait for the lock instead of failing at once.
-        return {"connect_args": {"timeout": 60}}
+        # Several processes on one SQLite file wait for the lock instead of failing at once;
+        # transactions are begun by _immediate_transactions, not by the sqlite3 module.
+        return {"connect_args": {"timeout": 60, "isolation_level": None}}
     return {"pool_pre_ping": True}
+
+
+def _immediate_transactions(engine: Engine) -> None:
+    """Begin every SQLite transaction with ``BEGIN IMMEDIATE`` (it takes the write lock at once).
+
+    The sqlite3 module would begin one only at the first write, so a read-check-write such as
+    Optuna popping a queued trial (read WAITING, set RUNNING) could succeed in two processes
+    at once, and both would run the same trial.
+    """
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _rdb_storage(url: str, interval: int, grace: int) -> RDBStorage:
@@ -107,13 +122,16 @@ def _rdb_storage(url: str, interval: int, grace: int) -> RDBStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     url,
                     engine_kwargs=_engine_kwargs(url),
                     heartbeat_interval=interval,
                     grace_period=grace,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
                 )
+            if url.startswith("sqlite"):
+                _immediate_transactions(storage.engine)
+            return storage
         except DatabaseError as exc:
             # Both created the tables or inserted alembic_version: the schema exists now.
             race = isinstance(exc, IntegrityError) or "already exists" in str(exc)

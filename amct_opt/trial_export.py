@@ -33,7 +33,7 @@ from .storage import describe_storage, mask_secrets, open_storage
 from .trials import SearchStudy
 from .types import Plan
 
-__all__ = ["TrialExport", "export_trial", "write_plan_outputs", "load_study"]
+__all__ = ["TrialExport", "export_trial", "load_study", "write_plan_outputs"]
 
 logger = logging.getLogger("amct_opt")
 
@@ -107,12 +107,8 @@ def _completed_trial(study: optuna.Study, number: Any) -> FrozenTrial:
         raise InputError(f"trial_number: expected an int, got {number!r}")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
-        last = max(trials) if trials else None
-        raise InputError(
-            f"trial_number: study {study.study_name!r} has no trial {number} "
-            f"(its trials are numbered 0..{last})" if last is not None else
-            f"trial_number: study {study.study_name!r} has no trial yet"
-        )
+        held = f"its trials are numbered 0..{max(trials)}" if trials else "it has no trial yet"
+        raise InputError(f"trial_number: study {study.study_name!r} has no trial {number} ({held})")
     trial = trials[number]
     if trial.state != TrialState.COMPLETE:
         raise InputError(
@@ -124,7 +120,11 @@ def _completed_trial(study: optuna.Study, number: Any) -> FrozenTrial:
 
 def _check_fingerprint(study: optuna.Study, trial: FrozenTrial, model: nn.Module, config: QuantConfig,
                        inputs: tuple[Any, ...]) -> None:
-    """Refuse a model or config other than the study's, or a trial made for an earlier one."""
+    """Refuse a model or config other than the study's, or a trial made for an earlier one.
+
+    Only the model weights and the quant config decide the quantized model; the
+    input shapes and the sensitivity of the run do not, so they are not compared.
+    """
     from .auto_calibration_setup import _fingerprint_parts
     from .sensitivity import CosineSimilarity
 
@@ -202,7 +202,9 @@ def export_trial(
 
     pairs = find_conv_bn_pairs(model) if config.do_fusion else []
     pairs = [p for p in pairs if p.conv not in config.skip_fusion_layers]
-    qmodel = build_quantized_model(fold_conv_bn(model, pairs), record_from_text(text, "study record"))
+    qmodel = build_quantized_model(
+        fold_conv_bn(model, pairs), record_from_text(text, "study record"), searched.output_ranges()
+    )
     write_plan_outputs(qmodel, plan, paths, inputs, input_names, output_names, dynamic_axes, config, pairs)
     logger.info("exported trial %d of study %r to %s", trial_number, study.study_name, paths.directory)
     return TrialExport(

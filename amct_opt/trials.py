@@ -9,6 +9,7 @@ fingerprint they belong to.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from .objectives import OBJECTIVES, quantized_share
-from .types import EvalResult, LayerCost, Plan
+from .types import EvalResult, LayerCost, OutputRange, OutputRanges, Plan
 
 __all__ = ["INT8", "FLOAT", "TrialRecord", "SearchStudy", "CONSTRAINT_KEY", "constraint_value"]
 
@@ -124,15 +125,6 @@ class SearchStudy:
     def evaluated_count(self) -> int:
         return len(self.records())
 
-    def running_duplicate(self, number: int, plan: Plan) -> bool:
-        """True when an older RUNNING or WAITING trial holds the same plan (another worker's)."""
-        wanted = self.key(plan)
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            other = self.plan_of(trial)
-            if trial.number < number and other is not None and self.key(other) == wanted:
-                return True
-        return False
-
     def best_feasible(self, judge: Judge | None = None) -> TrialRecord | None:
         """The feasible record with the largest share; ties go to the lower loss, then the older."""
         feasible = [r for r in self.records(judge) if r.result.ok]
@@ -156,17 +148,29 @@ class SearchStudy:
         return sorted(front, key=lambda r: r.share)
 
     # -- writing -----------------------------------------------------------
+    def _decided_key(self, trial: FrozenTrial) -> tuple[bool, ...] | None:
+        """The :meth:`key` of the config a trial holds or was queued with; None if incomplete."""
+        fixed = trial.system_attrs.get("fixed_params", trial.params)
+        if not all(name in fixed for name in self.layers):
+            return None
+        return tuple(fixed[name] == INT8 for name in self.layers)
+
     def pending(self, plan: Plan) -> TrialState | None:
         """WAITING or RUNNING when a queued or running trial already holds ``plan``."""
         wanted = self.key({name: plan[name] for name in self.layers})
         for trial in self.study.get_trials(
             deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
         ):
-            fixed = trial.system_attrs.get("fixed_params", trial.params)
-            other = {name: fixed.get(name) == INT8 for name in self.layers}
-            if all(name in fixed for name in self.layers) and self.key(other) == wanted:
+            if self._decided_key(trial) == wanted:
                 return trial.state
         return None
+
+    def known_keys(self) -> set[tuple[bool, ...]]:
+        """The configs stored, queued or being evaluated (as :meth:`key`), from one read of the study."""
+        trials = self.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+        )
+        return {key for trial in trials if (key := self._decided_key(trial)) is not None}
 
     def enqueue(self, plan: Plan, source: str) -> None:
         """Queue ``plan`` for the next trial, unless it is already waiting or running."""
@@ -189,6 +193,25 @@ class SearchStudy:
         if any(not isinstance(part, str) for part in parts):
             return None
         return "".join(parts)  # type: ignore[arg-type]
+
+    def set_output_ranges(self, ranges: OutputRanges) -> None:
+        """Publish the calibration output ranges (as JSON text: large models have many layers)."""
+        self.set_text("output_ranges", json.dumps({name: [r.lo, r.hi] for name, r in ranges.items()}))
+
+    def output_ranges(self) -> OutputRanges:
+        """The calibration output ranges stored in the study; {} when it holds none."""
+        text = self.get_text("output_ranges")
+        try:
+            stored = json.loads(text) if text is not None else {}
+        except ValueError:
+            return {}
+        if not isinstance(stored, dict):
+            return {}
+        return {
+            name: OutputRange(float(value[0]), float(value[1]))
+            for name, value in stored.items()
+            if isinstance(value, list) and len(value) == 2
+        }
 
     def get_attr(self, key: str, default: Any = None) -> Any:
         return self.study.user_attrs.get(key, default)

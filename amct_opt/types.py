@@ -17,6 +17,8 @@ __all__ = [
     "Plan",
     "LayerQuantFactors",
     "Record",
+    "OutputRange",
+    "OutputRanges",
     "LayerCost",
     "Ranking",
     "EvalResult",
@@ -48,6 +50,25 @@ class LayerQuantFactors:
 
 #: layer qualified name -> its quantization factors.
 Record = dict[str, LayerQuantFactors]
+
+
+@dataclass(frozen=True)
+class OutputRange:
+    """The observed [lo, hi] of one layer's output (widened to include 0).
+
+    The deploy export requantizes a quantized convolution's output with it where
+    no following quantizer reads that output (see :mod:`amct_opt.export`).
+    """
+
+    lo: float
+    hi: float
+
+    def union(self, other: OutputRange) -> OutputRange:
+        return OutputRange(min(self.lo, other.lo), max(self.hi, other.hi))
+
+
+#: layer qualified name -> its observed output range.
+OutputRanges = dict[str, OutputRange]
 
 
 @dataclass(frozen=True)

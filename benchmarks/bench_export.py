@@ -10,7 +10,8 @@ For each subject three ONNX models run side by side in one process:
 
 Latency is the median of ``--runs`` (>= 50) timed runs after 10 warm-up runs,
 at batch 1 and 32, with ``--threads`` intra-op threads (default 2) and every
-graph optimization on.  Accuracy is the subject's own metric, computed through
+graph optimization on; the three models take turns run by run, so that the
+machine's load changes affect them alike.  Accuracy is the subject's own metric, computed through
 ORT.  Subjects: the examples' MobileNetV2 on MNIST (top-1) and MiniLM sentence
 encoder (mean cosine to the fp32 torch embeddings), when ``examples/`` imports.
 
@@ -45,7 +46,15 @@ from amct_opt.calibration import calibrate
 from amct_opt.config import QuantConfig
 from amct_opt.create_config import create_quant_config
 from amct_opt.export import export_float_model, export_models
-from amct_opt.export.ort_check import INTEGER_OPS, op_counts, optimized_model
+from amct_opt.export.ort_check import (
+    INTEGER_OPS,
+    VNNI_FLAGS,
+    cpu_flags,
+    op_counts,
+    optimized_model,
+    seven_bit_convolutions,
+    u8s8_kernels_may_saturate,
+)
 from amct_opt.fusion import find_conv_bn_pairs, fold_conv_bn
 from amct_opt.quant_model import QuantizedModel, build_quantized_model
 
@@ -64,6 +73,7 @@ class Evaluation:
 
     batches: Sequence[Batch]
     score: Callable[[np.ndarray], float]
+    classifier: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,20 +89,28 @@ class Row:
 
 @dataclass(frozen=True)
 class Agreement:
-    """Deploy against fake-quant outputs: top-1 agreement and per-output cosine."""
+    """Deploy against fake-quant outputs: top-1 agreement and per-output cosine.
+
+    ``run`` says how the deploy model ran: fused into ORT's integer kernels, or
+    unfused (its Q/DQ arithmetic node by node: the model's own numbers).
+    """
 
     subject: str
-    top1: float
+    run: str
+    top1: float | None
     min_cosine: float
     mean_cosine: float
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def _session(path: Path, threads: int, fused: bool = True) -> ort.InferenceSession:
+    """A CPU session; ``fused=False`` runs the graph as written (no QDQ fusion into integer kernels)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -110,17 +128,25 @@ def _resize(batch: Batch, size: int) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def median_latency_ms(session: ort.InferenceSession, inputs: Sequence[np.ndarray], runs: int) -> float:
-    """Median wall time of ``runs`` calls after :data:`WARMUP` untimed ones."""
-    feed = _feed(session, inputs)
-    for _ in range(WARMUP):
-        session.run(None, feed)
-    times = []
+def median_latencies_ms(
+    sessions: dict[str, ort.InferenceSession], inputs: Sequence[np.ndarray], runs: int
+) -> dict[str, float]:
+    """Median wall time per session of ``runs`` calls after :data:`WARMUP` untimed ones.
+
+    The sessions take turns call by call, so that a change in the machine's load
+    during the measurement affects them all alike.
+    """
+    feeds = {name: _feed(session, inputs) for name, session in sessions.items()}
+    for name, session in sessions.items():
+        for _ in range(WARMUP):
+            session.run(None, feeds[name])
+    times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -133,8 +159,13 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
         return next(self._feeds, None)
 
 
-def ort_quantize_static(fp32: Path, out: Path, names: Sequence[str], batches: Sequence[Batch]) -> None:
-    """ORT's own static QDQ quantization: per-channel, MinMax, default (int8) types."""
+def ort_quantize_static(
+    fp32: Path, out: Path, names: Sequence[str], batches: Sequence[Batch], reduce_range: bool = False
+) -> None:
+    """ORT's own static QDQ quantization: per-channel, MinMax, default (int8) types.
+
+    ``reduce_range`` is ORT's 7-bit weights, its advice for x86 CPUs without VNNI.
+    """
     prepared = out.with_name(f"{out.stem}_prepared.onnx")
     quant_pre_process(str(fp32), str(prepared))
     quantize_static(
@@ -144,13 +175,23 @@ def ort_quantize_static(fp32: Path, out: Path, names: Sequence[str], batches: Se
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=reduce_range,
     )
 
 
-def library_qmodel(model: nn.Module, batches: Sequence[Batch], workdir: Path) -> QuantizedModel:
-    """amct_opt's default quantization of ``model`` (its config, BN folding, calibration), all layers on."""
+def library_qmodel(
+    model: nn.Module, batches: Sequence[Batch], workdir: Path, weight_bits: int = 8
+) -> QuantizedModel:
+    """amct_opt's default quantization of ``model`` (its config, BN folding, calibration), all layers on.
+
+    Convolutions get ``weight_bits``-bit weights; Linear layers keep 8 (see
+    :func:`amct_opt.export.ort_check.saturation_safe_defination`).
+    """
     config_path = workdir / "config.json"
-    create_quant_config(str(config_path), model, batches[0], batch_num=len(batches))
+    create_quant_config(
+        str(config_path), model, batches[0], batch_num=len(batches),
+        config_defination=seven_bit_convolutions(model) if weight_bits == 7 else None,
+    )
     config = QuantConfig.load(config_path)
     folded = fold_conv_bn(model, find_conv_bn_pairs(model))
     record = calibrate(folded, config, lambda m: [m(*batch) for batch in batches])
@@ -162,12 +203,12 @@ def _outputs(session: ort.InferenceSession, batches: Sequence[Batch]) -> np.ndar
     return np.concatenate([session.run(None, _feed(session, [t.numpy() for t in b]))[0] for b in batches])
 
 
-def agreement(subject: str, fake_quant: np.ndarray, deploy: np.ndarray) -> Agreement:
+def agreement(subject: str, run: str, fake_quant: np.ndarray, deploy: np.ndarray, classifier: bool) -> Agreement:
     cosine = (
         (fake_quant * deploy).sum(1) / np.linalg.norm(fake_quant, axis=1) / np.linalg.norm(deploy, axis=1)
     )
-    top1 = float((fake_quant.argmax(1) == deploy.argmax(1)).mean())
-    return Agreement(subject, top1, float(cosine.min()), float(cosine.mean()))
+    top1 = float((fake_quant.argmax(1) == deploy.argmax(1)).mean()) if classifier else None
+    return Agreement(subject, run, top1, float(cosine.min()), float(cosine.mean()))
 
 
 def benchmark(
@@ -181,10 +222,12 @@ def benchmark(
     workdir: Path,
     runs: int = 50,
     threads: int = 2,
-) -> tuple[list[Row], Agreement]:
+    reduce_range: bool = False,
+) -> tuple[list[Row], list[Agreement]]:
     """fp32, deploy and quantize_static ONNX models of one subject: latency and metric of each.
 
-    Also compares the deploy model's outputs with the fake-quant model's.
+    Also compares the deploy model's outputs with the fake-quant model's, run
+    both fused (ORT's integer kernels) and unfused (the model's arithmetic).
     """
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     fp32 = workdir / f"{name}_fp32.onnx"
@@ -199,20 +242,26 @@ def benchmark(
         calibration=lambda m: [m(*batch) for batch in calibration],
     )
     static = workdir / f"{name}_quantize_static.onnx"
-    ort_quantize_static(fp32, static, input_names, calibration)
+    ort_quantize_static(fp32, static, input_names, calibration, reduce_range)
+    paths = {"fp32": fp32, "deploy": exported.deploy_path, "quantize_static": static}
+    sessions = {variant: _session(path, threads) for variant, path in paths.items()}
+    latency = {
+        size: median_latencies_ms(sessions, _resize(calibration[0], size), runs) for size in BATCH_SIZES
+    }
     rows, outputs = [], {}
-    for variant, path in (("fp32", fp32), ("deploy", exported.deploy_path), ("quantize_static", static)):
-        session = _session(path, threads)
-        latency = {
-            size: median_latency_ms(session, _resize(calibration[0], size), runs) for size in BATCH_SIZES
-        }
+    for variant, session in sessions.items():
         outputs[variant] = _outputs(session, evaluation.batches)
-        counts = op_counts(optimized_model(path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
+        counts = op_counts(optimized_model(paths[variant], ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
         integer_ops = sum(counts[op] for op in INTEGER_OPS)
-        rows.append(Row(name, variant, latency, evaluation.score(outputs[variant]), integer_ops))
-        logger.info("%s %s: %s ms, metric %.4f", name, variant, latency, rows[-1].metric)
+        variant_latency = {size: latency[size][variant] for size in BATCH_SIZES}
+        rows.append(Row(name, variant, variant_latency, evaluation.score(outputs[variant]), integer_ops))
+        logger.info("%s %s: %s ms, metric %.4f", name, variant, variant_latency, rows[-1].metric)
     fake_quant = _outputs(_session(exported.fake_quant_path, threads), evaluation.batches)
-    return rows, agreement(name, fake_quant, outputs["deploy"])
+    unfused = _outputs(_session(exported.deploy_path, threads, fused=False), evaluation.batches)
+    return rows, [
+        agreement(name, "integer kernels", fake_quant, outputs["deploy"], evaluation.classifier),
+        agreement(name, "unfused", fake_quant, unfused, evaluation.classifier),
+    ]
 
 
 # -- the examples' subjects -------------------------------------------------------------------
@@ -223,7 +272,20 @@ def _import_examples() -> None:
         sys.path.insert(0, str(ROOT / "examples"))
 
 
-def mobilenet_v2(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agreement]:
+@dataclass(frozen=True)
+class Settings:
+    """How every subject is measured.
+
+    ``weight_bits``: our convolutions' weights; 7 also sets quantize_static's
+    reduce_range on subjects that have convolutions.
+    """
+
+    runs: int
+    threads: int
+    weight_bits: int
+
+
+def mobilenet_v2(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agreement]]:
     """The examples' MobileNetV2 trained on MNIST digits; metric: top-1 on the 1,000 test digits."""
     _import_examples()
     from mnist_data import load_mnist
@@ -232,18 +294,19 @@ def mobilenet_v2(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agr
     data = load_mnist()
     model = train_or_load(ROOT / "examples" / ".cache", data).eval()
     batches = [(data.train_x[i : i + 64],) for i in range(0, 256, 64)]
-    qmodel = library_qmodel(model, batches, workdir)
+    qmodel = library_qmodel(model, batches, workdir, settings.weight_bits)
     labels = data.test_y.numpy()
     evaluation = Evaluation(
         [(data.test_x[i : i + 250],) for i in range(0, len(data.test_x), 250)],
         lambda logits: float((logits.argmax(1) == labels).mean()),
     )
     return benchmark(
-        "mobilenet_v2", model, qmodel, batches, evaluation, ["input"], ["logits"], workdir, runs, threads
+        "mobilenet_v2", model, qmodel, batches, evaluation, ["input"], ["logits"], workdir,
+        settings.runs, settings.threads, settings.weight_bits == 7,  # a conv net: reduce_range applies
     )
 
 
-def minilm(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agreement]:
+def minilm(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agreement]]:
     """The examples' MiniLM sentence encoder; metric: mean cosine to the fp32 torch embeddings."""
     _import_examples()
     from minilm_encoder import embed, load_minilm, load_sentences, tokenize
@@ -254,14 +317,16 @@ def minilm(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agreement
     batches = [(ids[i : i + 16], mask[i : i + 16]) for i in range(0, len(ids), 16)]
     eval_ids, eval_mask = tokenize(tokenizer, evaluation_sentences)
     reference = embed(model, eval_ids, eval_mask).numpy()
-    qmodel = library_qmodel(model, batches, workdir)
+    qmodel = library_qmodel(model, batches, workdir, settings.weight_bits)
 
     def mean_cosine(got: np.ndarray) -> float:
         cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
         return float(cos.mean())
 
     evaluation = Evaluation(
-        [(eval_ids[i : i + 64], eval_mask[i : i + 64]) for i in range(0, len(eval_ids), 64)], mean_cosine
+        [(eval_ids[i : i + 64], eval_mask[i : i + 64]) for i in range(0, len(eval_ids), 64)],
+        mean_cosine,
+        classifier=False,
     )
     return benchmark(
         "minilm",
@@ -272,15 +337,27 @@ def minilm(workdir: Path, runs: int, threads: int) -> tuple[list[Row], Agreement
         ["input_ids", "attention_mask"],
         ["embedding"],
         workdir,
-        runs,
-        threads,
+        settings.runs,
+        settings.threads,
+        False,  # no convolution: 8-bit weights on both sides
     )
 
 
-SUBJECTS: dict[str, tuple[str, Callable[[Path, int, int], tuple[list[Row], Agreement]]]] = {
+SUBJECTS: dict[str, tuple[str, Callable[[Path, Settings], tuple[list[Row], list[Agreement]]]]] = {
     "mobilenet_v2": ("top-1", mobilenet_v2),
     "minilm": ("mean cosine", minilm),
 }
+
+
+def cpu_description() -> str:
+    """The CPU model and whether it has VNNI (without it ORT's u8s8 kernels may saturate)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    vnni = [f for f in VNNI_FLAGS if f in (cpu_flags() or [])]
+    return f"{model}; " + (f"VNNI: {', '.join(vnni)}" if vnni else "no VNNI (AVX2 u8s8 kernels, which may saturate)")
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -309,10 +386,13 @@ def table(rows: Sequence[Row], metrics: dict[str, str]) -> str:
 
 
 def agreement_table(agreements: Sequence[Agreement]) -> str:
-    lines = ["| model | deploy vs fake-quant top-1 | min cosine | mean cosine |", "|---|---|---|---|"]
-    lines += [
-        f"| {a.subject} | {a.top1:.4f} | {a.min_cosine:.5f} | {a.mean_cosine:.5f} |" for a in agreements
+    lines = [
+        "| model | deploy run | deploy vs fake-quant top-1 | min cosine | mean cosine |",
+        "|---|---|---|---|---|",
     ]
+    for a in agreements:
+        top1 = "-" if a.top1 is None else f"{a.top1:.4f}"
+        lines.append(f"| {a.subject} | {a.run} | {top1} | {a.min_cosine:.5f} | {a.mean_cosine:.5f} |")
     return "\n".join(lines)
 
 
@@ -321,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--subjects", nargs="+", choices=sorted(SUBJECTS), default=sorted(SUBJECTS))
     parser.add_argument("--runs", type=int, default=50, help="timed runs per measurement (>= 50)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    parser.add_argument(
+        "--weight-bits", choices=["auto", "7", "8"], default="auto",
+        help="our convolutions' weight num_bits (7 also gives quantize_static reduce_range on the conv net); "
+        "auto: 7 where ORT's u8s8 kernels may saturate (x86 without VNNI), else 8",
+    )
     parser.add_argument("--write-results", action="store_true", help=f"also write the tables to {RESULTS}")
     args: Any = parser.parse_args(argv)
     if args.runs < 50:
@@ -328,19 +413,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    bits = (7 if u8s8_kernels_may_saturate() else 8) if args.weight_bits == "auto" else int(args.weight_bits)
+    settings = Settings(args.runs, args.threads, bits)
     rows: list[Row] = []
     agreements: list[Agreement] = []
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
         for subject in args.subjects:
             workdir = Path(tmp) / subject
             workdir.mkdir()
-            subject_rows, subject_agreement = SUBJECTS[subject][1](workdir, args.runs, args.threads)
+            subject_rows, subject_agreements = SUBJECTS[subject][1](workdir, settings)
             rows += subject_rows
-            agreements.append(subject_agreement)
+            agreements += subject_agreements
     command = " ".join(["python benchmarks/bench_export.py", *(sys.argv[1:] if argv is None else argv)])
     text = (
         f"ORT {ort.__version__}, {args.threads} intra-op threads, median of {args.runs} runs after "
-        f"{WARMUP} warm-up runs.\nCommand: `{command}`\n\n"
+        f"{WARMUP} warm-up runs.\nCPU: {cpu_description()}\n"
+        f"Convolution weights: {bits}-bit (ours; Linear layers 8-bit), quantize_static reduce_range={bits == 7} "
+        f"on the conv net.\nCommand: `{command}`\n\n"
         + table(rows, {name: metric for name, (metric, _) in SUBJECTS.items()})
         + "\n\n"
         + agreement_table(agreements)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import statistics
@@ -19,8 +18,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "config_for_this_cpu",
     "export_float_onnx",
-    "kept_float",
     "median_latencies",
     "run_session",
     "session",
@@ -56,12 +55,25 @@ def working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
-def kept_float(final_config: Path) -> list[str] | None:
-    """Layers with ``quant_enable: false`` in a final config file; None when there is no file."""
-    if not final_config.exists():
-        return None
-    config: dict[str, Any] = json.loads(final_config.read_text(encoding="utf-8"))
-    return [name for name, entry in config.items() if isinstance(entry, dict) and not entry["quant_enable"]]
+def config_for_this_cpu(model: nn.Module) -> dict[str, Any] | None:
+    """A ``config_defination`` with 7-bit convolution weights where ORT's u8s8 kernels may saturate.
+
+    The examples deploy on the machine they run on.  On an x86 CPU without VNNI,
+    ONNX Runtime's integer convolutions sum u8 x s8 product pairs in int16, which
+    8-bit weights can overflow; 7-bit weights cannot, so the deploy model then
+    computes what the search evaluated.  None elsewhere (and for models without
+    convolutions).
+    """
+    from amct_opt.export.ort_check import saturation_safe_defination
+
+    defination = saturation_safe_defination(model)
+    if defination is not None:
+        logging.getLogger("examples").info(
+            "this CPU has no VNNI: ONNX Runtime's u8s8 convolutions may saturate 8-bit weights, "
+            "so the config gives the %d convolutions 7-bit weights (weight_quant_params.num_bits = 7)",
+            len(defination["layers"]),
+        )
+    return defination
 
 
 def export_float_onnx(

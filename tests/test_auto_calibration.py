@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ import amct_opt as amct
 from amct_opt.fusion import fold_conv_bn
 from amct_opt.quant_model import QuantLayer, build_quantized_model
 from amct_opt.record import read_record
-from amct_opt.strategies import AutoCalibrationStrategyBase
+from amct_opt.strategies import AutoCalibrationStrategyBase, BinarySearch
+from amct_opt.trials import SearchStudy
 
 pytestmark = pytest.mark.slow
 
@@ -49,13 +49,6 @@ OUT_FILES = {
     "amct_opt.db",
 }
 LOG_FILES = {"accuracy_based_auto_calibration_record.json", "amct_onnx.log"}
-
-
-@dataclass
-class Run:
-    root: Path
-    result: amct.AutoCalibrationResult
-    evaluator: DigitsEvaluator
 
 
 class PlanLog(DigitsEvaluator):
@@ -75,6 +68,13 @@ class PlanLog(DigitsEvaluator):
         plan = getattr(model, "plan", None)
         self.evaluated.append(None if plan is None else tuple(sorted(plan.items())))
         return metric
+
+
+@dataclass
+class Run:
+    root: Path
+    result: amct.AutoCalibrationResult
+    evaluator: PlanLog
 
 
 def call(root: Path, model: nn.Module, evaluator: Any, **kwargs: Any) -> amct.AutoCalibrationResult:
@@ -204,6 +204,10 @@ def test_binary_search_cost_bound_and_calibration_count(roll_back: Run) -> None:
     result, evaluator = roll_back.result, roll_back.evaluator
     assert result.evaluations - 1 <= math.floor(math.log2(len(LAYERS))) + 2
     assert evaluator.calibration_calls == result.calibration_calls == 2
+    # The deploy export's output ranges come from that same calibration pass, stored in the study.
+    study = optuna.load_study(study_name="net", storage=f"sqlite:///{roll_back.root / 'out' / 'amct_opt.db'}")
+    ranges = SearchStudy(study, LAYERS, {}).output_ranges()
+    assert set(ranges) == set(LAYERS) and all(r.lo <= 0.0 <= r.hi and r.hi > r.lo for r in ranges.values())
     # One float evaluation, then one per stored trial (an all-float trial reuses the float metric).
     quantized = [plan for plan in evaluator.evaluated if plan is not None]
     assert evaluator.evaluated.count(None) == 1
@@ -238,8 +242,10 @@ def test_unreachable_target_removes_stale_outputs_and_reuses_every_evaluation(
     assert not (root / "out" / "net_quant.json").exists()
     assert "loosen" in caplog.text and "loosen" in (root / "amct_log" / "amct_onnx.log").read_text()
     assert "loosen" in result.summary()
-    # The stricter target is judged on the stored metrics: nothing is evaluated or calibrated again.
-    assert evaluator.evaluate_calls == 0 and evaluator.calibration_calls == 0
+    # The stricter target is judged on the stored metrics: nothing stored is evaluated or calibrated
+    # again (the search may take a new path under the new target, and evaluate configs new to it).
+    assert evaluator.calibration_calls == 0 and None not in evaluator.evaluated
+    assert not set(evaluator.evaluated) & set(roll_back.evaluator.evaluated)
     history = read_json(root / "amct_log" / "accuracy_based_auto_calibration_record.json")
     assert len(history) == result.evaluations and not any(step["metric_eval"][0] for step in history[:-1])
 
@@ -260,7 +266,7 @@ class GreedyRollBack(AutoCalibrationStrategyBase):
         self.order = sorted(ranking, key=lambda name: ranking[name])
 
     def update_quant_config(self, metric_eval_result: tuple[bool, float]) -> dict[str, Any]:
-        self.results.append(tuple(metric_eval_result))
+        self.results.append((bool(metric_eval_result[0]), float(metric_eval_result[1])))
         step = len(self.results) - 1
         if metric_eval_result[0]:
             self.final = self.proposed[-1] if self.proposed else dict.fromkeys(self.order, True)
@@ -294,7 +300,7 @@ def test_custom_strategy_and_sensitivity_instances(trained: Trained, tmp_path: P
     assert sensitivity.calls == len(LAYERS) * evaluator.batch_num
     assert evaluator.calibration_calls == 2
     ranking = read_json(root / "out" / "accuracy_based_auto_calibration_ranking_information.json")
-    assert dict((name, score) for name, score in ranking) == strategy.ranking
+    assert {name: score for name, score in ranking} == strategy.ranking
     assert [score for _, score in ranking] == sorted(strategy.ranking.values())
 
     # The strategy was driven by the reference protocol: first the all-INT8 result, then its own configs.
@@ -401,3 +407,24 @@ def test_a_module_called_twice_and_a_functional_conv(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(tmp_path / "out" / "net_fake_quant_model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x.numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_binary_search_takes_any_sqlalchemy_url_and_study_name(
+    roll_back: Run, trained: Trained, tmp_path: Path
+) -> None:
+    root = new_root(tmp_path, trained.model)
+    url = f"sqlite:///{tmp_path / 'elsewhere' / 'searches.db'}"
+    (tmp_path / "elsewhere").mkdir()
+    result = call(root, trained.model, PlanLog(trained, ROLL_BACK_TARGET),
+                  strategy=BinarySearch(storage=url, study_name="mnist-bs"))
+    assert result.final_plan == roll_back.result.final_plan
+    assert result.study_name == "mnist-bs" and result.storage == url
+    assert not (root / "out" / "amct_opt.db").exists()
+    study = optuna.load_study(study_name="mnist-bs", storage=url)
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == result.evaluations
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [({"storage": 3}, "storage"), ({"study_name": ""}, "study_name")])
+def test_binary_search_rejects_a_bad_storage_or_study_name(kwargs: dict[str, Any], named: str) -> None:
+    with pytest.raises(amct.StrategyError, match=f"^{named}: expected"):
+        BinarySearch(**kwargs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from amct_opt.calibration import Calibrator, calibrate
+from amct_opt.calibration import Calibrator, calibrate, calibrate_layers
 from amct_opt.config import QuantConfig
 from amct_opt.errors import CalibrationError
 
@@ -150,3 +150,20 @@ def test_a_layer_called_twice_is_observed_at_both_calls() -> None:
     assert calibrator.batches == 1
     # The observed range holds the second call's (10x larger) input.
     assert calibrator.observers["fc"].data_max >= float((10.0 * first).max())
+
+
+def test_the_same_pass_records_each_layers_output_range_including_zero() -> None:
+    model = Net().eval()
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in NAMES}
+    for name in NAMES:
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: seen[name].append(out.detach())
+        )
+    run, calls = counting(batches())
+    calibration = calibrate_layers(model, config(disabled=("gup",)), run)
+    assert calls == [1]
+    assert set(calibration.output_ranges) == set(calibration.record) == {"conv", "up", "fc"}
+    for name, out_range in calibration.output_ranges.items():
+        outputs = torch.cat([t.flatten() for t in seen[name]])
+        assert out_range.lo == pytest.approx(min(0.0, float(outputs.min())))
+        assert out_range.hi == pytest.approx(max(0.0, float(outputs.max())))

@@ -93,6 +93,18 @@ def test_config_defination_overrides(tmp_path: Path) -> None:
     assert QuantConfig.load(path, model_layers=LAYERS) == config
 
 
+def test_seven_bit_weights_round_trip_and_other_widths_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    config = create_quant_config(path, make_model(), INPUT, config_defination={"weight_quant_params": {"num_bits": 7}})
+    assert {layer.weight.num_bits for layer in config.layers.values()} == {7}
+    assert json.loads(path.read_text())["fc"]["weight_quant_params"]["num_bits"] == 7
+    assert QuantConfig.load(path, model_layers=LAYERS) == config
+    with pytest.raises(ConfigError, match=r"^.*weight_quant_params\.num_bits: must be 8, or 7"):
+        create_quant_config(tmp_path / "r.json", make_model(), INPUT,
+                            config_defination={"weight_quant_params": {"num_bits": 6}})
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_config_defination_skip_layers_and_layer_disable(tmp_path: Path) -> None:
     config = create_quant_config(
         tmp_path / "q.json", make_model(), INPUT, skip_layers=["features.0"],

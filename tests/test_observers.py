@@ -330,3 +330,12 @@ def test_arq_errors() -> None:
         arq_quantize(torch.tensor([[math.nan]]), channel_wise=True)
     with pytest.raises(InputError, match="non-empty"):
         arq_quantize(torch.empty(0, 3), channel_wise=False)
+
+
+def test_arq_seven_bit_weights_put_the_largest_magnitude_at_63() -> None:
+    w = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    assert arq_quantize(w, channel_wise=True, num_bits=7) == ((f32(2 / 63), f32(0.5 / 63)), (0, 0))
+    scales = torch.tensor(arq_quantize(w, channel_wise=True, num_bits=7)[0]).reshape(-1, 1)
+    assert int((w / scales).round().abs().max()) == 63
+    with pytest.raises(InputError, match="num_bits"):
+        arq_quantize(w, channel_wise=True, num_bits=6)

@@ -11,7 +11,14 @@ from optuna.distributions import CategoricalDistribution
 from search_run import SearchedRun, searched_run
 
 from amct_opt.errors import InputError
-from amct_opt.report import TrialRow, float_frequency, layer_importance, pareto_front, read_trials, write_report
+from amct_opt.report import (
+    TrialRow,
+    float_frequency,
+    layer_importance,
+    pareto_front,
+    read_trials,
+    write_report,
+)
 from amct_opt.trials import CHOICES, FLOAT, INT8
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

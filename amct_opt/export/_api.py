@@ -68,16 +68,26 @@ def _trace(
     calibration: Calibration | None,
     deploy: bool,
 ) -> onnx.ModelProto:
-    """Trace ``qmodel``; for a deploy model, first observe its layers' output ranges."""
+    """Trace ``qmodel``; for a deploy model, first find its layers' output ranges.
+
+    The ranges seen during calibration (``qmodel.output_ranges``) are widened by
+    those observed while ``qmodel`` runs ``calibration``, or ``data`` when a
+    layer has no calibration range and no ``calibration`` is given.
+    """
     ranges = None
     if deploy:
+        ranges = dict(qmodel.output_ranges)
+        enabled = [name for name, layer in qmodel.layers().items() if layer.quant_enabled]
+        if calibration is not None or any(name not in ranges for name in enabled):
 
-        def run(model: torch.nn.Module) -> None:
-            model(*data)
-            if calibration is not None:
-                calibration(model)
+            def run(model: torch.nn.Module) -> None:
+                if calibration is not None:
+                    calibration(model)
+                else:
+                    model(*data)
 
-        ranges = observe_output_ranges(qmodel, run)
+            for name, seen in observe_output_ranges(qmodel, run).items():
+                ranges[name] = seen.union(ranges[name]) if name in ranges else seen
     with quant_export_mode(qmodel, ranges):
         return trace_to_onnx(qmodel, data, input_names, output_names, dynamic_axes, markers=True)
 
@@ -109,11 +119,13 @@ def export_fake_quant_model(
 ) -> None:
     """Write the fake-quant ONNX model of ``qmodel``'s current plan to ``path``.
 
-    Float weights; QuantizeLinear -> DequantizeLinear (int8 zero point,
-    per-channel weights) exactly where the torch fake quant is, so ORT
-    reproduces :class:`QuantizedModel`'s outputs.  Layers switched to float have
-    no Q/DQ.  ``input_names``, ``output_names`` and ``dynamic_axes`` mean what
-    they mean to ``torch.onnx.export``.  The file is written atomically.
+    Float weights behind QuantizeLinear -> DequantizeLinear (int8 zero point,
+    per-channel), and each activation quantizer as the same arithmetic in
+    Div/Round/Clip/Mul, exactly where the torch fake quant is: ORT cannot fuse
+    it into integer kernels and reproduces :class:`QuantizedModel`'s outputs on
+    any CPU.  Layers switched to float have no quantizer.  ``input_names``,
+    ``output_names`` and ``dynamic_axes`` mean what they mean to
+    ``torch.onnx.export``.  The file is written atomically.
     """
     check_dynamic_axes(dynamic_axes, input_names, output_names)
     _check_qmodel(qmodel)
@@ -139,13 +151,18 @@ def export_deploy_model(
     shared activation quantizers, uint8 activations (zero point + 128, the same
     values), and an output QuantizeLinear on every quantized Conv.  A quantizer
     after a Relu/ReLU6 whose range reaches below 0 (offset 0) is cut to the
-    activation's range, so that ORT can drop the activation and fuse the Conv.  Where a quantized Conv's output is not already read by a quantizer
-    (it feeds an Add, a float layer, a pooling or the graph output), that output
-    is requantized with the range observed while ``qmodel`` runs on
-    ``input_data`` and, if given, ``calibration(qmodel)`` (e.g. the evaluator's
-    ``calibration`` method; pass it: one batch gives a narrow range).  Those
-    requantizers are the deploy model's one numerical difference from the
-    fake-quant model, besides int32 biases and ORT's integer rounding.
+    activation's range, so that ORT can drop the activation and fuse the Conv.
+
+    Where a quantized Conv's output is not already read by a quantizer (it feeds
+    an Add, a pooling or the graph output), that output is requantized with the
+    layer's output range seen during calibration (``qmodel.output_ranges``),
+    widened by what ``calibration(qmodel)`` shows if it is given (e.g. the
+    evaluator's ``calibration``), or observed on ``input_data`` when neither is
+    known.  Those requantizers are the deploy model's one numerical difference
+    from the fake-quant model, besides int32 biases.  A quantized Conv read by a
+    layer kept float, and every quantized ConvTranspose, runs a float kernel on
+    its constant dequantized weight: the same values, without ORT dequantizing the
+    weight on every run.
     """
     check_dynamic_axes(dynamic_axes, input_names, output_names)
     _check_qmodel(qmodel)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import onnx
 
 from ._deploy_activations import activations_to_uint8, requantize_conv_outputs, share_activation_quantizers
+from ._deploy_float_kernels import float_kernels_for_unfused_layers
 from ._deploy_weights import fold_weight_quantizers, fold_weight_transposes, quantize_biases, static_tensors
+from ._fake_quant import simulate_activation_quantizers
 from ._graph import Graph
 from ._markers import strip_markers
 
@@ -13,9 +15,17 @@ __all__ = ["to_deploy_model", "to_fake_quant_model"]
 
 
 def to_fake_quant_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Float weights, Q/DQ exactly where the torch fake quant is: only the markers go (in place)."""
+    """Float weights, fake quantization exactly where the torch fake quant is (edited in place).
+
+    Weights keep QuantizeLinear -> DequantizeLinear; activation quantizers are
+    written as Div/Round/Clip/Mul, so that ORT computes them in float instead of
+    fusing them into integer kernels (see :mod:`._fake_quant`).
+    """
     graph = Graph(model)
     strip_markers(graph)
+    graph.commit()
+    graph = Graph(model)
+    simulate_activation_quantizers(graph)
     graph.commit()
     return model
 
@@ -26,8 +36,10 @@ def to_deploy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     Weights become int8 initializers + DequantizeLinear (transposes folded in),
     biases int32 + DequantizeLinear where ORT's integer kernels take them, identical
     activation quantizers are shared, every quantized Conv gets an output
-    QuantizeLinear so that ORT runs it as QLinearConv, and activations are
-    stored as uint8 (zero point + 128: the same real values).
+    QuantizeLinear so that ORT runs it as QLinearConv (unless a float layer reads
+    it: then it, like every ConvTranspose, runs a float kernel on its constant
+    dequantized weight), and activations are stored as uint8 (zero point + 128:
+    the same real values).
     """
     graph = Graph(model)
     outputs = strip_markers(graph)
@@ -38,6 +50,7 @@ def to_deploy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     fold_weight_transposes(graph)
     share_activation_quantizers(graph)
     requantize_conv_outputs(graph, outputs)
+    float_kernels_for_unfused_layers(graph)
     quantize_biases(graph, static)
     activations_to_uint8(graph)
     graph.commit()

@@ -10,7 +10,15 @@ import onnx
 from ..fake_quant import QMAX, QMIN
 from ._graph import Graph
 
-__all__ = ["QParams", "add_qdq", "asymmetric_qparams", "qparams", "quantize_array"]
+__all__ = [
+    "QParams",
+    "add_qdq",
+    "add_simulated_qdq",
+    "asymmetric_qparams",
+    "dequantize_array",
+    "qparams",
+    "quantize_array",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,13 @@ def quantize_array(x: np.ndarray, qp: QParams) -> np.ndarray:
     return np.clip(q, QMIN, QMAX).astype(np.int8)
 
 
+def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """ONNX DequantizeLinear in float32: ``(q - zero_point) * scale``, per axis where ``qp`` has one."""
+    scale = _broadcast(qp.scale, qp.axis, q.ndim)
+    zero_point = _broadcast(qp.zero_point.astype(np.float32), qp.axis, q.ndim)
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
 def asymmetric_qparams(lo: float, hi: float) -> QParams:
     """Per-tensor int8 parameters over [lo, hi] widened to include 0: scale (hi - lo) / 255.
 
@@ -96,3 +111,21 @@ def add_qdq(graph: Graph, source: str, target: str, qp: QParams, hint: str) -> o
         "DequantizeLinear", [quantized, scale, zero_point], [target], f"{hint}_DequantizeLinear", **attrs
     )
     return q
+
+
+def add_simulated_qdq(graph: Graph, source: str, target: str, qp: QParams, hint: str) -> None:
+    """Add ``target = Clip(Round(source / scale), QMIN - zp, QMAX - zp) * scale`` (per tensor).
+
+    The same values as :func:`add_qdq` bit for bit (true division, round half to
+    even, integers exact in float32), in plain float ops that no ORT fusion turns
+    into an integer kernel.
+    """
+    zero_point = float(qp.zero_point)
+    scale = graph.add_initializer(qp.scale.astype(np.float32), f"{hint}_scale")
+    low = graph.add_initializer(np.array(QMIN - zero_point, np.float32), f"{hint}_qmin")
+    high = graph.add_initializer(np.array(QMAX - zero_point, np.float32), f"{hint}_qmax")
+    divided, rounded, clipped = (graph.fresh(f"{hint}_{step}") for step in ("div", "round", "clip"))
+    graph.add_node("Div", [source, scale], [divided], f"{hint}_Div")
+    graph.add_node("Round", [divided], [rounded], f"{hint}_Round")
+    graph.add_node("Clip", [rounded, low, high], [clipped], f"{hint}_Clip")
+    graph.add_node("Mul", [clipped, scale], [target], f"{hint}_Mul")

@@ -25,9 +25,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from ..calibration import widen_output_range
 from ..errors import ExportError
 from ..fake_quant import fake_quant
 from ..quant_model import QuantizedModel, QuantLayer
+from ..types import OutputRange
 from ._names import DynamicAxes
 
 __all__ = [
@@ -43,14 +45,6 @@ __all__ = [
 OPSET = 17
 MARKER_DOMAIN = "amct_opt"
 MARKER_OP = "LayerOutput"
-
-
-@dataclass(frozen=True)
-class OutputRange:
-    """The observed [lo, hi] of one layer's output."""
-
-    lo: float
-    hi: float
 
 
 class _QuantDequant(torch.autograd.Function):
@@ -182,11 +176,7 @@ def observe_output_ranges(qmodel: QuantizedModel, run: Callable[[nn.Module], Any
     ranges: dict[str, OutputRange] = {}
 
     def hook(name: str, _module: nn.Module, _args: Any, out: Any) -> None:
-        if not isinstance(out, torch.Tensor) or out.numel() == 0:
-            return
-        lo, hi = float(out.detach().min()), float(out.detach().max())
-        old = ranges.get(name, OutputRange(0.0, 0.0))
-        ranges[name] = OutputRange(min(old.lo, lo), max(old.hi, hi))
+        widen_output_range(ranges, name, out)
 
     handles = [
         layer.register_forward_hook(functools.partial(hook, name))

@@ -118,11 +118,26 @@ class AutoCalibrationStrategyBase(ABC):
         """
 
 
+def check_study_location(storage: Any, study_name: Any) -> None:
+    """Raise :class:`StrategyError` unless ``storage`` is a URL/Optuna storage/None and ``study_name`` a name/None."""
+    import optuna
+
+    from ..errors import StrategyError
+
+    if storage is not None and not isinstance(storage, (str, optuna.storages.BaseStorage)):
+        raise StrategyError(f"storage: expected a SQLAlchemy URL or an optuna storage, got {storage!r}")
+    if study_name is not None and (not isinstance(study_name, str) or not study_name):
+        raise StrategyError(f"study_name: expected a non-empty string, got {study_name!r}")
+
+
 class ReferenceStrategyAdapter(SearchStrategy):
     """Drives an :class:`AutoCalibrationStrategyBase` through ask/tell."""
 
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
+        # A reference strategy may say where its study lives, as BinarySearch(storage=...) does.
+        self.storage = getattr(strategy, "storage", None)
+        self.study_name = getattr(strategy, "study_name", None)
         self._last: tuple[bool, float] | None = None
         self._layers: list[str] = []
         self._final: dict[str, bool] | None = None

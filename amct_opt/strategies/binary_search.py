@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AutoCalibrationStrategyBase
+from .base import AutoCalibrationStrategyBase, check_study_location
 
 __all__ = ["BinarySearch"]
 
@@ -17,9 +17,18 @@ class BinarySearch(AutoCalibrationStrategyBase):
     one moves ``right`` to ``mid - 1`` and is remembered.  The search stops when
     ``left > right`` with the last passing config: at most ``floor(log2 n) + 1``
     evaluations after the all-quantized one.
+
+    Args:
+        storage: where the study lives: a SQLAlchemy URL (``sqlite:///…``,
+            ``postgresql+psycopg://…``, ``mysql+pymysql://…``) or an Optuna
+            storage.  None: ``amct_opt.db`` beside the outputs.
+        study_name: the study's name.  None: the output prefix.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, storage: Any = None, study_name: str | None = None) -> None:
+        check_study_location(storage, study_name)
+        self.storage = storage
+        self.study_name = study_name
         self._order: list[str] = []
         self._left = 0
         self._right = -1

@@ -27,7 +27,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import optuna
 
@@ -35,10 +35,10 @@ from ..errors import StrategyError
 from ..objectives import OBJECTIVES
 from ..types import EvalResult, LayerCost, Plan
 from ._loss_model import LossModel
-from .base import Proposal, SearchContext, SearchStrategy
+from .base import Proposal, SearchContext, SearchStrategy, check_study_location
 from .binary_search import BinarySearch
 
-__all__ = ["OptunaSearch", "SAMPLER_NAMES", "make_sampler"]
+__all__ = ["SAMPLER_NAMES", "OptunaSearch", "make_sampler"]
 
 SAMPLER_NAMES = ("tpe", "gp", "nsga2", "random", "qmc", "bruteforce")
 #: After the warm start, every SAMPLER_EVERY-th proposal is the sampler's.
@@ -67,7 +67,7 @@ def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
 def _check_positive(value: Any, argument: str, kinds: tuple[type, ...], expected: str) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, kinds) or float(cast(float, value)) <= 0:
         raise StrategyError(f"{argument}: expected a positive {expected} or None, got {value!r}")
 
 
@@ -84,7 +84,7 @@ class OptunaSearch(SearchStrategy):
         storage: a SQLAlchemy URL or an Optuna storage (default: ``amct_opt.db``
             beside the outputs).
         study_name: default: the output prefix.
-        seed: makes the sampler and thus the search reproducible.
+        seed: seeds the sampler and the loss model's draws, so that a search is reproducible.
         objective: what the quantized share weighs: "macs", "params" or "layers".
         multi_objective: minimize loss and maximize the share; the study keeps a Pareto front.
         warm_start: begin with BinarySearch's configs.
@@ -121,10 +121,7 @@ class OptunaSearch(SearchStrategy):
         _check_positive(timeout, "timeout", (int, float), "number of seconds")
         if objective not in OBJECTIVES:
             raise StrategyError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
-        if storage is not None and not isinstance(storage, (str, optuna.storages.BaseStorage)):
-            raise StrategyError(f"storage: expected a SQLAlchemy URL or an optuna storage, got {storage!r}")
-        if study_name is not None and (not isinstance(study_name, str) or not study_name):
-            raise StrategyError(f"study_name: expected a non-empty string, got {study_name!r}")
+        check_study_location(storage, study_name)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise StrategyError(f"seed: expected an int or None, got {seed!r}")
         if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:

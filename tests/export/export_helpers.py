@@ -202,15 +202,25 @@ def quantize(
 # -- ONNX / ORT ----------------------------------------------------------------------------
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+def session(path: Path, threads: int = 1, fused: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_ort(path: Path, *inputs: torch.Tensor) -> np.ndarray:
-    sess = session(path)
+def run_ort(path: Path, *inputs: torch.Tensor, fused: bool = True) -> np.ndarray:
+    """Run ``path`` in ORT.  ``fused=False`` runs the graph as written, node by node.
+
+    Unfused, a deploy model's QuantizeLinear/DequantizeLinear run as such, so its
+    outputs are the model's exact quantized arithmetic.  Fused, ORT's integer
+    kernels compute them; on x86 CPUs without VNNI those multiply u8 by s8 with
+    VPMADDUBSW, whose int16 pair sums can saturate (a known ORT/MLAS property,
+    microsoft/onnxruntime#16105), so outputs may differ there by more than a step.
+    """
+    sess = session(path, fused=fused)
     return sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)})[0]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from pathlib import Path
 
@@ -13,8 +14,12 @@ import torch
 from export_cases import CASES, exported
 from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
 
+import amct_opt as amct
+from amct_opt.calibration import calibrate_layers
+from amct_opt.config import QuantConfig
 from amct_opt.export import export_models
 from amct_opt.export.ort_check import INTEGER_OPS, op_counts, optimized_model
+from amct_opt.quant_model import build_quantized_model
 from amct_opt.types import LayerQuantFactors
 
 FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
@@ -23,6 +28,8 @@ FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", 
 UNQUANTIZABLE_FLOAT_OPS = {"encoder": 2, "encoder_static": 2, "conv_transpose": 1}
 #: Quantized convs whose output feeds a float layer directly keep a float output, hence a float kernel.
 CONVS_BEFORE_FLOAT_LAYERS = {"mixed_float": 1}
+#: Quantized layers ORT runs with a float kernel: those convs, and every ConvTranspose.
+UNFUSED_LAYERS = {"mixed_float": {"block1.conv.0.0"}, "conv_transpose": {"up"}}
 
 
 def _dq_of(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
@@ -41,10 +48,17 @@ def test_weights_are_int8_initializers_followed_by_dequantize(name: str) -> None
     model = onnx.load(case.paths.deploy_path)
     onnx.checker.check_model(model, full_check=True)
     values = initializers(model)
+    made_by = producers(model)
     for layer, on in case.qmodel.plan.items():
         node = layer_node(model, layer)
         if not on:
             assert values[node.input[1]].dtype == np.float32
+            continue
+        if layer in UNFUSED_LAYERS.get(name, ()):
+            # A float kernel on exactly the dequantized int8 weight, the input read through the
+            # Div/Round/Clip/Mul form of its quantizer (not a DequantizeLinear ORT would requantize).
+            np.testing.assert_array_equal(values[node.input[1]], case.qmodel.layer(layer).fq_weight.numpy())
+            assert made_by[node.input[0]].op_type == "Mul"
             continue
         dq = _dq_of(model, node.input[1])
         assert values[dq.input[0]].dtype == np.int8
@@ -68,7 +82,7 @@ def test_biases_are_int32_where_ort_fuses_them(name: str) -> None:
         node = layer_node(model, layer)
         if not on or case.qmodel.layer(layer).module.bias is None:
             continue
-        if node.op_type == "ConvTranspose":
+        if layer in UNFUSED_LAYERS.get(name, ()):  # ConvTranspose, or a conv before a float layer
             assert values[node.input[2]].dtype == np.float32
             continue
         if node.op_type == "MatMul":
@@ -89,6 +103,8 @@ def test_biases_are_int32_where_ort_fuses_them(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ort_runs_every_quantized_conv_and_linear_as_an_integer_op(name: str) -> None:
+    """Every quantized Conv, Gemm and MatMul, except a conv read by a float layer (the fake-quant
+    model hands that layer unquantized values) and ConvTranspose (no ORT integer kernel)."""
     case = exported(name)
     counts = op_counts(optimized_model(case.paths.deploy_path))
     plan = case.qmodel.plan
@@ -171,4 +187,27 @@ def test_quantizer_a_hair_over_relu6_is_fitted(tmp_path: Path) -> None:
     assert counts["QLinearConv"] == 4 and not {"Conv", "FusedConv", "Clip"} & set(counts)
     expected = torch_out(qmodel, x)
     step = (expected.max() - expected.min()) / 255
-    assert np.abs(run_ort(paths.deploy_path, x) - expected).max() <= 2 * step
+    assert np.abs(run_ort(paths.deploy_path, x, fused=False) - expected).max() <= 2 * step
+
+
+def test_seven_bit_weights_run_on_integer_kernels_exactly(tmp_path: Path) -> None:
+    """``weight_quant_params.num_bits`` 7: int8 weights in [-63, 63], which ORT's u8s8 kernels
+    cannot saturate on any x86 CPU, so the fused model computes what its Q/DQ graph says."""
+    torch.manual_seed(0)
+    model = ConvStack().eval()
+    with torch.no_grad():  # large same-sign weights times large inputs: what saturates 8-bit weights
+        model.features[0][0].weight.uniform_(0.5, 1.0)
+    x = 4 * torch.rand(16, 3, 16, 16).sqrt()
+    config_file = tmp_path / "q.json"
+    amct.create_quant_config(str(config_file), model, x[:1], config_defination={"weight_quant_params": {"num_bits": 7}})
+    calibration = calibrate_layers(model, QuantConfig.load(config_file), lambda m: m(x))
+    qmodel = build_quantized_model(copy.deepcopy(model), calibration.record, calibration.output_ranges).eval()
+    paths = export_models(qmodel, tmp_path / "m", (x[:2],), ["input"], ["logits"], {"input": {0: "b"}, "logits": {0: "b"}})
+    values = initializers(onnx.load(paths.deploy_path))
+    weights = [values[n] for n in values if values[n].dtype == np.int8 and values[n].ndim >= 2]
+    assert len(weights) == 5 and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) == 63
+    counts = op_counts(optimized_model(paths.deploy_path))
+    assert counts["QLinearConv"] == 4 and counts["QGemm"] == 1
+    fused, unfused = run_ort(paths.deploy_path, x), run_ort(paths.deploy_path, x, fused=False)
+    step = (unfused.max() - unfused.min()) / 255
+    assert np.abs(fused - unfused).max() <= step

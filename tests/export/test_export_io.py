@@ -50,7 +50,8 @@ def test_names_and_both_dynamic_axes_forms(axes: dict, batch_dim: str | None, tm
             batch, *tail = _dims(value)
             assert isinstance(batch, str) and (batch_dim is None or batch == batch_dim)
             assert tail == [rest]
-        outputs = session(path).run(None, {"x": x5.numpy(), "y": y5.numpy()})
+        # The deploy model's arithmetic, node by node: see run_ort on integer-kernel saturation.
+        outputs = session(path, fused=path != paths.deploy_path).run(None, {"x": x5.numpy(), "y": y5.numpy()})
         with torch.no_grad():
             expected = qmodel(x5, y5)
         for got, want in zip(outputs, expected):
@@ -154,5 +155,6 @@ def test_exports_use_external_data_past_the_threshold(
     np.testing.assert_array_equal(run_ort(paths.fake_quant_path, x), run_ort(case.paths.fake_quant_path, x))
     expected = torch_out(case.qmodel, x)
     assert (
-        np.abs(run_ort(paths.deploy_path, x) - expected).max() <= 2 * (expected.max() - expected.min()) / 255
+        np.abs(run_ort(paths.deploy_path, x, fused=False) - expected).max()
+        <= 2 * (expected.max() - expected.min()) / 255
     )

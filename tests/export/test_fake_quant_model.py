@@ -13,6 +13,7 @@ from export_cases import CASES, exported
 from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
 
 from amct_opt.export import export_fake_quant_model
+from amct_opt.export.ort_check import INTEGER_OPS, op_counts, optimized_model
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -25,8 +26,22 @@ def test_ort_matches_torch_within_one_output_step(name: str) -> None:
     assert np.abs(actual - expected).max() <= step
 
 
+def _simulated_quantizer(made_by: dict[str, onnx.NodeProto], name: str) -> bool:
+    """True when ``name`` is made by Mul(Clip(Round(Div(x, scale)), qmin, qmax), scale)."""
+    chain = ["Mul", "Clip", "Round", "Div"]
+    node = made_by.get(name)
+    for op in chain:
+        if node is None or node.op_type != op:
+            return False
+        if op != "Div":
+            node = made_by.get(node.input[0])
+    return True
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(name: str) -> None:
+def test_float_weights_standard_ops_and_fake_quant_exactly_at_enabled_layers(name: str) -> None:
+    """Weights: QuantizeLinear -> DequantizeLinear on the float weight.  Activations: the same
+    arithmetic as Div/Round/Clip/Mul, so that ORT cannot fuse the model into integer kernels."""
     case = exported(name)
     model = onnx.load(case.paths.fake_quant_path)
     onnx.checker.check_model(model, full_check=True)
@@ -39,16 +54,18 @@ def test_float_weights_standard_ops_and_qdq_exactly_at_enabled_layers(name: str)
         weight = made_by.get(node.input[1])
         if weight is not None and weight.op_type == "Transpose":
             weight = made_by.get(weight.input[0])
-        activation = made_by.get(node.input[0])
         if on:
             assert weight is not None and weight.op_type == "DequantizeLinear"
             assert made_by[weight.input[0]].op_type == "QuantizeLinear"
-            assert activation is not None and activation.op_type == "DequantizeLinear"
+            assert _simulated_quantizer(made_by, node.input[0]), layer
         else:
             assert weight is None, f"float layer {layer} has a quantized weight"
-            assert activation is None or activation.op_type != "DequantizeLinear"
-    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    assert len(quantizers) == 2 * sum(case.qmodel.plan.values())
+            assert not _simulated_quantizer(made_by, node.input[0]), layer
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == sum(case.qmodel.plan.values())
+    assert ops.count("Round") == sum(case.qmodel.plan.values())
+    counts = op_counts(optimized_model(case.paths.fake_quant_path))
+    assert not set(INTEGER_OPS) & set(counts), counts
 
 
 def test_per_channel_weight_quantizers_use_the_output_channel_axis() -> None:
@@ -86,5 +103,5 @@ def test_all_float_plan_exports_without_any_qdq(tmp_path: Path) -> None:
     qmodel.set_all(False)
     export_fake_quant_model(qmodel, tmp_path / "m.onnx", (x,))
     model = onnx.load(tmp_path / "m.onnx")
-    assert not [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert not [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Round")]
     np.testing.assert_allclose(run_ort(tmp_path / "m.onnx", x), torch_out(qmodel, x), atol=1e-5)

@@ -28,7 +28,7 @@ from torch import nn
 
 import amct_opt as amct
 import amct_opt.export._api as export_api
-import amct_opt.trial_export as trial_export
+from amct_opt import trial_export
 from amct_opt.outputs import FINAL_CONFIG
 from amct_opt.strategies import OptunaSearch
 

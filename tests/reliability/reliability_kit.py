@@ -104,8 +104,8 @@ def input_data() -> torch.Tensor:
 
 
 def tree(root: Path) -> dict[str, int]:
-    """Every file under ``root`` (relative path -> size)."""
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file and folder under ``root`` (relative path -> size; -1 for a folder)."""
+    return {str(p.relative_to(root)): p.stat().st_size if p.is_file() else -1 for p in sorted(root.rglob("*"))}
 
 
 def check_files_sound(root: Path) -> list[str]:

@@ -71,8 +71,9 @@ def start(folder: Path, **extra: str) -> subprocess.Popen[str]:
     )
 
 
-def finish(folder: Path) -> dict[str, Any]:
-    proc = start(folder)
+def finish(folder: Path, proc: subprocess.Popen[str] | None = None) -> dict[str, Any]:
+    """Run (or wait for ``proc``, already started on ``folder``) to the end; its result."""
+    proc = proc or start(folder)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
@@ -150,7 +151,7 @@ def sound_except_temps(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
     reference = new_folder(tmp_path / "reference")
-    expected = finish(reference)
+    uninterrupted = start(reference)  # runs beside the first kills
 
     chain = new_folder(tmp_path / "chain")
     kills = 0
@@ -181,7 +182,7 @@ def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
     kill(writer(final_config))
     assert temps(final_config)
 
-    result = finish(chain)
+    result, expected = finish(chain), finish(reference, uninterrupted)
     assert result["final_plan"] == expected["final_plan"]
     assert result["evaluations"] == expected["evaluations"]
     for name in OUTPUTS:

@@ -10,7 +10,13 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
-from reliability_kit import ROLL_BACK_TARGET, TinyEvaluator, check_files_sound, input_data, tiny_model, write_config
+from reliability_kit import (
+    TinyEvaluator,
+    check_files_sound,
+    input_data,
+    tiny_model,
+    write_config,
+)
 from torch import nn
 
 import amct_opt as amct

@@ -20,12 +20,12 @@ import torch
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from conftest import SmallNet, Trained  # noqa: E402
-from search_run import DistortionEvaluator  # noqa: E402
+from conftest import SmallNet, Trained
+from search_run import DistortionEvaluator
 
-import amct_opt as amct  # noqa: E402
-from amct_opt.quant_model import QuantizedModel  # noqa: E402
-from amct_opt.strategies import OptunaSearch  # noqa: E402
+import amct_opt as amct
+from amct_opt.quant_model import QuantizedModel
+from amct_opt.strategies import OptunaSearch
 
 #: Seconds each evaluation takes, so that the test can kill the worker in the middle of one.
 SLOW_S = 0.6
