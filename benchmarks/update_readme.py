@@ -22,7 +22,9 @@ def _tables(text: str) -> str:
 
 
 def export_section() -> str:
-    return _tables((RESULTS / "bench_export.md").read_text(encoding="utf-8"))
+    text = (RESULTS / "bench_export.md").read_text(encoding="utf-8")
+    targets = text[text.index("Targets:"):].strip() if "Targets:" in text else ""
+    return "\n\n".join(part for part in (_tables(text), targets) if part)
 
 
 def search_section() -> str:
