@@ -42,7 +42,8 @@ def weight_is_channel_wise(module: nn.Module, channel_wise: bool) -> bool:
 def widen_output_range(ranges: OutputRanges, name: str, out: Any) -> None:
     """Widen ``ranges[name]`` (which always holds 0) to the min and max of the tensor ``out``."""
     if isinstance(out, torch.Tensor) and out.numel():
-        seen = OutputRange(min(0.0, float(out.min())), max(0.0, float(out.max())))
+        lo, hi = torch.aminmax(out.detach())
+        seen = OutputRange(min(0.0, float(lo)), max(0.0, float(hi)))
         old = ranges.get(name)
         ranges[name] = seen if old is None else old.union(seen)
 

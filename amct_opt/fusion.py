@@ -1,15 +1,24 @@
-"""Conv→BatchNorm folding, with the pairs found from the model's traced dataflow."""
+"""Conv→BatchNorm folding, with the pairs found from the model's traced dataflow.
+
+:func:`fusion_info` is what ``<prefix>_quant.json`` holds: which convolution each
+BatchNorm was folded into, and which layers are quantized or kept float.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["FusionPair", "find_conv_bn_pairs", "fold_conv_bn"]
+from .config import QuantConfig
+from .errors import InputError
+
+__all__ = ["FusionPair", "find_conv_bn_pairs", "pairs_to_fold", "fold_conv_bn", "fusion_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +79,29 @@ def find_conv_bn_pairs(model: nn.Module) -> list[FusionPair]:
     return pairs
 
 
+def pairs_to_fold(model: nn.Module, config: QuantConfig) -> list[FusionPair]:
+    """The pairs of :func:`find_conv_bn_pairs` that ``config`` folds: none unless ``do_fusion``,
+    and none whose convolution is in ``skip_fusion_layers``."""
+    if not config.do_fusion:
+        return []
+    return [pair for pair in find_conv_bn_pairs(model) if pair.conv not in config.skip_fusion_layers]
+
+
+def fusion_info(pairs: Sequence[FusionPair], plan: Mapping[str, bool], version: str) -> dict[str, Any]:
+    """The JSON of ``<prefix>_quant.json``: each fold as ``{"layer": conv, "fused": [conv, bn]}``."""
+    return {
+        "version": version,
+        "fusions": [{"layer": p.conv, "fused": [p.conv, p.bn]} for p in pairs],
+        "quantized_layers": [name for name, on in plan.items() if on],
+        "float_layers": [name for name, on in plan.items() if not on],
+    }
+
+
 @torch.no_grad()
-def _fold(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    assert isinstance(conv, nn.modules.conv._ConvNd)
+def _fold(conv: nn.modules.conv._ConvNd, bn: nn.modules.batchnorm._BatchNorm) -> None:
     var = bn.running_var
     mean = bn.running_mean
-    assert var is not None and mean is not None
+    assert var is not None and mean is not None  # checked by fold_conv_bn
     gamma = bn.weight if bn.affine else torch.ones_like(var)
     beta = bn.bias if bn.affine else torch.zeros_like(var)
     factor = gamma / torch.sqrt(var + bn.eps)
@@ -89,10 +115,16 @@ def _fold(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
 def fold_conv_bn(model: nn.Module, pairs: list[FusionPair]) -> nn.Module:
     """A deep copy of ``model`` in eval mode with each pair folded (BN → Identity)."""
     folded = copy.deepcopy(model).eval()
-    for pair in pairs:
-        conv = folded.get_submodule(pair.conv)
-        bn = folded.get_submodule(pair.bn)
-        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-        _fold(conv, bn)
+    for index, pair in enumerate(pairs):
+        try:
+            conv, bn = folded.get_submodule(pair.conv), folded.get_submodule(pair.bn)
+        except AttributeError as exc:
+            raise InputError(f"pairs[{index}]: {pair} names no module of the model ({exc})") from None
+        if type(conv) not in _CONV_BN or type(bn) is not _CONV_BN[type(conv)] or bn.running_var is None:
+            raise InputError(
+                f"pairs[{index}]: expected Conv1d/2d/3d {pair.conv!r} and a BatchNorm with running "
+                f"statistics {pair.bn!r} of the same dimension, got {type(conv).__name__} and {type(bn).__name__}"
+            )
+        _fold(conv, bn)  # type: ignore[arg-type]
         folded.set_submodule(pair.bn, nn.Identity())
     return folded

@@ -3,15 +3,18 @@
 ``quantize_model`` validates the config, folds Conv+BN into a private copy of
 the model, attaches calibration observers and writes the folded float model to
 ``modified_onnx_file``.  The user runs calibration batches on the returned
-model; ``save_model`` turns what was observed into the record file and the two
-ONNX models.  The calibration session is kept in this process, keyed by
-``modified_onnx_file``.
+model; ``save_model`` turns what was observed into the record file, the two
+ONNX models and ``<save_path>_quant.json`` (what was folded into what, see
+:func:`amct_opt.fusion.fusion_info`).  The calibration session is kept in this
+process, keyed by ``modified_onnx_file``; a ``save_model`` that fails for too
+few batches leaves it open, so more batches and a second ``save_model`` work.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,9 @@ from torch import nn
 from .calibration import Calibrator
 from .config import QuantConfig
 from .errors import InputError, UnsupportedModelError
-from .fusion import find_conv_bn_pairs, fold_conv_bn
+from . import __version__
+from ._io import atomic_write_json
+from .fusion import FusionPair, fold_conv_bn, fusion_info, pairs_to_fold
 from .layers import find_quantizable_layers
 from .outputs import as_input_tuple, check_writable_dir
 from .quant_model import build_quantized_model
@@ -38,6 +43,7 @@ class _Session:
     input_names: list[str] | None
     output_names: list[str] | None
     dynamic_axes: dict[str, Any] | None
+    fusions: list[FusionPair] = field(default_factory=list)
 
 
 _SESSIONS: dict[str, _Session] = {}
@@ -74,17 +80,25 @@ def quantize_model(
     check_writable_dir(Path(key).parent, "modified_onnx_file")
     check_writable_dir(Path(_key(record_file, "record_file")).parent, "record_file")
     check_dynamic_axes(dynamic_axes, input_names, output_names)
-    pairs = find_conv_bn_pairs(model) if config.do_fusion else []
-    folded = fold_conv_bn(model, [p for p in pairs if p.conv not in config.skip_fusion_layers])
+    pairs = pairs_to_fold(model, config)
+    folded = fold_conv_bn(model, pairs)
     export_float_model(folded, key, inputs, input_names, output_names, dynamic_axes)
+    previous = _SESSIONS.pop(key, None)
+    if previous is not None:  # a second quantize_model on the same file starts afresh
+        previous.calibrator.detach()
     calibrator = Calibrator(folded, config)
     calibrator.attach()
-    _SESSIONS[key] = _Session(folded, calibrator, inputs, input_names, output_names, dynamic_axes)
+    _SESSIONS[key] = _Session(folded, calibrator, inputs, input_names, output_names, dynamic_axes, pairs)
     return folded
 
 
 def save_model(modified_onnx_file: str, record_file: str, save_path: str) -> None:
-    """Write the record file and ``<save_path>_fake_quant_model.onnx`` / ``_deploy_model.onnx``."""
+    """Write the record file, ``<save_path>_fake_quant_model.onnx`` / ``_deploy_model.onnx``
+    and ``<save_path>_quant.json``; every enabled layer is quantized.
+
+    Raises :class:`~amct_opt.errors.CalibrationError` (and keeps the session open)
+    when fewer than ``batch_num`` batches ran through the calibration model.
+    """
     from .export import export_models
 
     key = _key(modified_onnx_file, "modified_onnx_file")
@@ -95,13 +109,17 @@ def save_model(modified_onnx_file: str, record_file: str, save_path: str) -> Non
         )
     if not isinstance(save_path, (str, os.PathLike)) or not Path(save_path).name:
         raise InputError(f"save_path: expected a folder plus a file-name prefix, got {save_path!r}")
+    check_writable_dir(Path(save_path).resolve().parent, "save_path")
+    check_writable_dir(Path(_key(record_file, "record_file")).parent, "record_file")
+    record = session.calibrator.finalize()  # before detaching: on too few batches, the user may run more
     session.calibrator.detach()
-    record = session.calibrator.finalize()
     write_record(record_file, record)
-    with torch.no_grad():
-        qmodel = build_quantized_model(session.model, record, session.calibrator.output_ranges)
+    with torch.no_grad():  # wrap a copy: the calibration model handed to the user stays float
+        qmodel = build_quantized_model(copy.deepcopy(session.model), record, session.calibrator.output_ranges)
     export_models(
         qmodel, str(save_path), session.inputs, session.input_names, session.output_names,
         session.dynamic_axes,
     )
+    plan = {name: name in record for name in session.calibrator.config.layers}
+    atomic_write_json(f"{os.fspath(save_path)}_quant.json", fusion_info(session.fusions, plan, __version__))
     del _SESSIONS[key]

@@ -104,6 +104,9 @@ class QuantizedModel(nn.Module):
         return list(self._layers)
 
     def layer(self, name: str) -> QuantLayer:
+        """The wrapped layer ``name``; an unknown name is an :class:`InputError` listing the known ones."""
+        if name not in self._layers:
+            raise InputError(f"layer: unknown layer {name!r}; known layers: {self.layer_names}")
         return self._layers[name]
 
     def layers(self) -> dict[str, QuantLayer]:

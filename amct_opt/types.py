@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InputError
+
 __all__ = [
     "Plan",
     "LayerQuantFactors",
@@ -43,9 +45,12 @@ class LayerQuantFactors:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale_d) and self.scale_d > 0):
-            raise ValueError(f"scale_d must be a finite positive number, got {self.scale_d}")
+            raise InputError(f"scale_d: must be a finite positive number, got {self.scale_d}")
         if len(self.scale_w) != len(self.offset_w) or not self.scale_w:
-            raise ValueError("scale_w and offset_w must be non-empty and of equal length")
+            raise InputError(
+                f"scale_w/offset_w: must be non-empty and of equal length, got {len(self.scale_w)} and "
+                f"{len(self.offset_w)}"
+            )
 
 
 #: layer qualified name -> its quantization factors.

@@ -5,7 +5,8 @@
    for evaluation; the metric is the mean cosine to the fp32 embeddings.
 3. ``accuracy_based_auto_calibration`` with ``strategy="optuna"``; the study lives in
    ``results/amct_opt.db``, so re-running the same command resumes it.
-4. Print a summary, with the deploy model's cosine and speed in ONNX Runtime.
+4. Print a summary, with the deploy model's cosine and speed in ONNX Runtime, and
+   write the study's plots (``amct-opt report``) to ``results/report/``.
 
     python examples/minilm_sentence_embedding.py --out outputs/minilm
 """
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 import transformers
 from torch.nn import functional as F
 
 import amct_opt as amct
+from amct_opt.report import write_report
 from amct_opt.strategies import OptunaSearch
 
 from example_utils import (
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append("no quantized model meets the target (lower --min-cosine)")
         else:
             lines += onnx_report(float_onnx, Path(result.paths["deploy_model"]), evaluator)
+        study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+        plots = write_report(study, "results/report")
+        lines.append(f"plots: {', '.join(str(args.out / p) for p in plots if p.suffix == '.png')}")
     print("\n".join(lines))
     return 0
 

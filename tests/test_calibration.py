@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +170,16 @@ def test_the_same_pass_records_each_layers_output_range_including_zero() -> None
         outputs = torch.cat([t.flatten() for t in seen[name]])
         assert out_range.lo == pytest.approx(min(0.0, float(outputs.min())))
         assert out_range.hi == pytest.approx(max(0.0, float(outputs.max())))
+
+
+
+def test_calibrating_with_autograd_on_warns_nothing() -> None:
+    # torch warns once per process, so the check runs in a fresh one.
+    script = (
+        "import torch, sys; sys.path.insert(0, 'tests'); from test_calibration import *\n"
+        "model = Net().eval(); c = Calibrator(model, config(batch_num=1)); c.attach()\n"
+        "model(batches(1)[0]); c.detach(); assert set(c.finalize()) == set(NAMES)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=120)
+    assert done.returncode == 0, done.stderr

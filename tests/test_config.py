@@ -56,6 +56,42 @@ def test_create_load_round_trip(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["batch_num"] == 3
 
 
+class EveryType(nn.Module):
+    """One of each quantizable type (grouped and depthwise convs too) among layers that are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, groups=4), nn.MaxPool2d(2))
+        self.c3 = nn.Conv3d(1, 2, 1)
+        self.t1 = nn.ConvTranspose1d(4, 4, 2)
+        self.t2 = nn.ConvTranspose2d(4, 4, 2)
+        self.fc = nn.Linear(4, 2)
+        self.norm = nn.LayerNorm(2)
+
+
+EVERY_TYPE = ["c1", "block.0", "block.3", "c3", "t1", "t2", "fc"]
+
+
+def test_every_quantizable_type_gets_an_entry_in_the_reference_form(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    create_quant_config(path, EveryType(), INPUT, skip_layers=["t1"], batch_num=2, activation_offset=False)
+    data = json.loads(path.read_text())
+    assert list(data) == ["version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers",
+                          *EVERY_TYPE]
+    assert [data[k] for k in ("version", "batch_num", "activation_offset", "do_fusion", "skip_fusion_layers")] \
+        == [1, 2, False, True, []]
+    for name in EVERY_TYPE:
+        assert data[name] == {
+            "quant_enable": name != "t1",
+            "activation_quant_params": {"num_bits": 8, "act_algo": "ifmr", "max_percentile": 0.999999,
+                                        "min_percentile": 0.999999, "search_range": [0.7, 1.3],
+                                        "search_step": 0.01, "asymmetric": False},
+            "weight_quant_params": {"num_bits": 8, "wts_algo": "arq_quantize", "channel_wise": name != "fc"},
+        }, name
+
+
 def test_to_dict_writes_only_the_keys_of_the_algorithm(valid: dict[str, Any]) -> None:
     data = QuantConfig.from_dict(valid).to_dict()
     assert data == valid

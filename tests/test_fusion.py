@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from amct_opt.fusion import FusionPair, find_conv_bn_pairs, fold_conv_bn
+from amct_opt.config import QuantConfig
+from amct_opt.errors import InputError
+from amct_opt.fusion import FusionPair, find_conv_bn_pairs, fold_conv_bn, fusion_info, pairs_to_fold
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -174,3 +176,35 @@ def test_folding_never_touches_the_users_model() -> None:
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert folded.conv_a.weight.data_ptr() != model.conv_a.weight.data_ptr()
+
+
+def test_pairs_to_fold_honours_do_fusion_and_skip_fusion_layers() -> None:
+    model = randomize_bn(Shuffled())
+    names = ["conv_b", "conv_a"]
+
+    def config(**top: object) -> QuantConfig:
+        return QuantConfig.from_dict({**top, **{n: {"quant_enable": True} for n in names}}, model_layers=names)
+
+    both = [FusionPair("conv_a", "bn_a"), FusionPair("conv_b", "bn_b")]
+    assert sorted(pairs_to_fold(model, config()), key=lambda p: p.conv) == both
+    assert pairs_to_fold(model, config(do_fusion=False)) == []
+    assert pairs_to_fold(model, config(skip_fusion_layers=["conv_a"])) == [FusionPair("conv_b", "bn_b")]
+
+
+def test_fusion_info_says_what_was_folded_into_what() -> None:
+    info = fusion_info([FusionPair("conv_a", "bn_a")], {"conv_a": True, "fc": False}, "0.1.0")
+    assert info == {"version": "0.1.0", "fusions": [{"layer": "conv_a", "fused": ["conv_a", "bn_a"]}],
+                    "quantized_layers": ["conv_a"], "float_layers": ["fc"]}
+
+
+@pytest.mark.parametrize(("pair", "fragment"), [
+    (FusionPair("conv_a", "nope"), r"pairs\[0\]: .*names no module"),
+    (FusionPair("bn_a", "conv_a"), r"pairs\[0\]: expected Conv1d/2d/3d 'bn_a'"),
+    (FusionPair("conv_a", "bn_b"), r"got Conv2d and BatchNorm2d"),
+])
+def test_fold_conv_bn_rejects_pairs_that_cannot_be_folded(pair: FusionPair, fragment: str) -> None:
+    model = randomize_bn(Shuffled())
+    if pair.bn == "bn_b":  # a BatchNorm without running statistics
+        model.bn_b = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(InputError, match=fragment):
+        fold_conv_bn(model, [pair])

@@ -104,6 +104,17 @@ def test_search_steps() -> None:
         _search_steps(ActivationQuantParams(search_step=0.0))
 
 
+@pytest.mark.parametrize(("n", "expected"), [(20_000, f32(0.635 / 127)), (10_000, f32(1.27 / 127))])
+def test_ifmr_search_by_hand(n: int, expected: float) -> None:
+    # One outlier 1.27 and n values 0.005; candidate bounds 1.27 * {0.5, 1.0}:
+    #   bound 0.635 (scale 0.005): 0.005 is exact, the outlier clips to 0.635: error 0.635**2 = 0.403;
+    #   bound 1.27 (scale 0.01): the outlier is exact, each 0.005 is off by half a step: n * 0.005**2.
+    # So the smaller bound wins for n = 20000 (0.5 > 0.403) and loses for n = 10000 (0.25 < 0.403).
+    x = torch.cat([torch.tensor([1.27]), torch.full((n,), 0.005)])
+    params = dict(max_percentile=1.0, min_percentile=1.0, search_range=(0.5, 1.0), search_step=0.5)
+    assert ifmr(x, asymmetric=False, **params) == (expected, 0)
+
+
 def test_ifmr_symmetric_finds_the_exact_grid_optimum() -> None:
     x = torch.distributions.Laplace(0.0, 1.0).sample((50_000,))
     params = ActivationQuantParams(asymmetric=False)

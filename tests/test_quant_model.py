@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 from amct_opt.calibration import calibrate
 from amct_opt.config import QuantConfig
+from amct_opt.create_config import create_quant_config
 from amct_opt.errors import InputError
 from amct_opt.fusion import find_conv_bn_pairs, fold_conv_bn
 from amct_opt.layers import find_quantizable_layers
@@ -115,6 +118,8 @@ def test_unknown_layer_in_a_plan_is_an_input_error() -> None:
     _, qmodel = quantize(trained_bn(Net()), data())
     with pytest.raises(InputError, match="nope"):
         qmodel.set_plan({"nope": True})
+    with pytest.raises(InputError, match=r"layer: unknown layer 'nope'; known layers: \['conv', 'conv2', 'fc'\]"):
+        qmodel.layer("nope")
 
 
 class Twice(nn.Module):
@@ -183,3 +188,50 @@ def test_deepcopy_of_a_quantized_model_keeps_its_switches() -> None:
     x = data(1)[0]
     with torch.no_grad():
         assert torch.equal(clone(x), qmodel(x))
+
+
+LAYER_CASES = [
+    ("conv1d", lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 8), 0, 4),
+    ("conv2d", lambda: nn.Conv2d(3, 4, 3, stride=2), (2, 3, 7, 7), 0, 4),
+    ("grouped2d", lambda: nn.Conv2d(4, 6, 3, groups=2), (2, 4, 5, 5), 0, 6),
+    ("depthwise2d", lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), (2, 4, 5, 5), 0, 4),
+    ("conv3d", lambda: nn.Conv3d(2, 3, 2), (1, 2, 4, 4, 4), 0, 3),
+    ("convT1d", lambda: nn.ConvTranspose1d(3, 5, 3, stride=2), (2, 3, 6), 1, 5),
+    ("convT2d", lambda: nn.ConvTranspose2d(3, 5, 2, stride=2), (2, 3, 4, 4), 1, 5),
+    ("groupedT2d", lambda: nn.ConvTranspose2d(4, 6, 2, groups=2), (2, 4, 4, 4), None, 1),
+    ("linear", lambda: nn.Linear(6, 4), (3, 6), None, 1),
+]
+
+
+@pytest.mark.parametrize(("make", "shape", "axis", "n_scales"), [c[1:] for c in LAYER_CASES],
+                         ids=[c[0] for c in LAYER_CASES])
+def test_every_quantizable_type_switches_between_float_and_its_own_fake_quant(
+        tmp_path: Path, make: Callable[[], nn.Module], shape: tuple[int, ...], axis: int | None, n_scales: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(make()).eval()
+    x = torch.randn(shape)
+    cfg = create_quant_config(tmp_path / "q.json", model, x, batch_num=2)
+    assert list(cfg.layers) == ["0"]
+    assert cfg.layers["0"].weight.channel_wise is not isinstance(model[0], nn.Linear)
+    folded = fold_conv_bn(model, [])
+    record = calibrate(folded, cfg, lambda m: [m(b) for b in (x, -x)])
+    factors = record["0"]
+    assert len(factors.scale_w) == n_scales
+    qmodel = build_quantized_model(folded, record)
+    with torch.no_grad():
+        want_float = model(x)
+        qmodel.set_all(False)
+        assert torch.equal(qmodel(x), want_float)
+        qmodel.set_all(True)
+        # The reference computed apart: input and weight rounded onto their int8 grids by hand.
+        w = model[0].weight
+        view = [1] * w.dim()
+        if axis is not None:
+            view[axis] = -1
+        s_w = torch.tensor(factors.scale_w).reshape(view)
+        x_q = (torch.clamp(torch.round(x / factors.scale_d) + factors.offset_d, -128, 127)
+               - factors.offset_d) * factors.scale_d
+        reference = copy.deepcopy(model)
+        reference[0].weight.copy_(torch.clamp(torch.round(w / s_w), -128, 127) * s_w)
+        assert torch.equal(qmodel(x), reference(x_q))
+        assert not torch.equal(qmodel(x), want_float)

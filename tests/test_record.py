@@ -144,3 +144,18 @@ def test_write_rejects_unusable_factors(tmp_path: Path, factors: LayerQuantFacto
         write_record(tmp_path / "r.txt", {"x": factors})
     assert fragment in str(info.value)
     assert not (tmp_path / "r.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ((0.0, 0, (0.1,), (0,)), "scale_d: must be a finite positive number, got 0.0"),
+        ((float("nan"), 0, (0.1,), (0,)), "scale_d: must be a finite positive number"),
+        ((0.1, 0, (0.1, 0.2), (0,)), "scale_w/offset_w: must be non-empty and of equal length, got 2 and 1"),
+        ((0.1, 0, (), ()), "scale_w/offset_w: must be non-empty"),
+    ],
+)
+def test_factors_reject_bad_values_with_the_package_error(args: tuple, fragment: str) -> None:
+    with pytest.raises(InputError) as info:
+        LayerQuantFactors(*args)
+    assert fragment in str(info.value)
