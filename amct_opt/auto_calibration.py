@@ -14,6 +14,7 @@ The flow (each stage stored in the study, so a re-run resumes):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from .search_loop import SearchLoop
 from .sensitivity import score_layers
 from .strategies.base import Proposal, SearchContext
 from .trial_export import write_plan_outputs
+from .trials import TrialRecord
 from .types import EvalResult, Plan, Ranking
 
 __all__ = ["AutoCalibrationResult", "accuracy_based_auto_calibration"]
@@ -53,6 +55,9 @@ class AutoCalibrationResult:
     study_name: str
     storage: str
     paths: dict[str, str] = field(default_factory=dict)
+    #: The feasible stored evaluations that no other beats on both lower loss and larger
+    #: quantized share, by share: the trade-off a ``multi_objective`` search explores.
+    pareto_front: list[TrialRecord] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -69,6 +74,10 @@ class AutoCalibrationResult:
             ]
         else:
             lines.append("no quantized config meets the target: loosen it and call again")
+        if len(self.pareto_front) > 1:
+            lines.append("Pareto front        : " + ", ".join(
+                f"{r.share:.1%} at loss {r.result.loss:.3g} (trial {r.number})" for r in self.pareto_front
+            ))
         lines += [
             f"evaluations         : {self.evaluations} in the study, {self.evaluations_this_run} this run",
             f"study               : {self.study_name!r} in {self.storage}",
@@ -77,22 +86,36 @@ class AutoCalibrationResult:
 
 
 def _rank(setup: RunSetup) -> Ranking:
-    """Ranked by one worker (the setup lease holder), published in the study, reused by all."""
+    """Ranked by one worker (the setup lease holder), published in the study, reused by all.
+
+    The ranking is stored with the name of the sensitivity that made it.  A
+    re-run with another sensitivity ranks again (one ``calibration()`` call)
+    and keeps the stored calibration and evaluations, which do not depend on it.
+    """
+    wanted = type(setup.sensitivity).__qualname__
 
     def stored() -> Ranking | None:
         scores = setup.study.get_attr("ranking")
-        if isinstance(scores, dict) and set(scores) == set(setup.layers):
+        if (isinstance(scores, dict) and set(scores) == set(setup.layers)
+                and setup.study.get_attr("ranking_sensitivity") == wanted):
             return Ranking({name: float(scores[name]) for name in setup.layers})
         return None
 
     def compute() -> Ranking:
-        logger.info(
-            "ranking %d layers by %s sensitivity", len(setup.layers), type(setup.sensitivity).__name__
-        )
+        logger.info("ranking %d layers by %s sensitivity", len(setup.layers), wanted)
         ranking = score_layers(setup.qmodel, setup.runner.calibrate, setup.sensitivity)
         setup.study.set_attr("ranking", ranking.scores)
+        setup.study.set_attr("ranking_sensitivity", wanted)
         return ranking
 
+    previous = setup.study.get_attr("ranking_sensitivity")
+    if isinstance(setup.study.get_attr("ranking"), dict) and previous not in (None, wanted):
+        # The setup stages were done by an earlier run: no lease needed to rank again.
+        logger.info(
+            "the stored sensitivity ranking was made by %s, this run asks for %s: ranking again "
+            "(the calibration and the stored evaluations are reused)", previous, wanted,
+        )
+        return compute()
     ranking, computed = setup.coordinator.once("sensitivity ranking", stored, compute)
     if not computed:
         logger.info("sensitivity ranking reused from the study")
@@ -190,6 +213,8 @@ def _run(setup: RunSetup) -> AutoCalibrationResult:
                 ranking.most_sensitive_first(), ranking, setup.costs, search.objective, all_quant, history,
             ))
             progress.budget = search.n_trials  # a strategy may set its default budget in start()
+            if search.timeout is not None:
+                progress.deadline = time.monotonic() + search.timeout
             outcome = loop.run(search)
             stop_reason = outcome.stop_reason
             final = outcome.final_plan
@@ -219,6 +244,7 @@ def _run(setup: RunSetup) -> AutoCalibrationResult:
         study_name=study.study.study_name,
         storage=setup.storage_label,
         paths=setup.paths.as_dict(),
+        pareto_front=study.pareto_front(setup.judge),
     )
     logger.info("auto calibration finished (%s)\n%s", stop_reason, result.summary())
     return result

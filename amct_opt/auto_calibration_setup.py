@@ -229,15 +229,17 @@ def _unused(study: optuna.Study) -> bool:
     return not leases and not study.get_trials(deepcopy=False)
 
 
-def _fingerprint_parts(model: nn.Module, config: QuantConfig, inputs: tuple[Any, ...],
-                       sens: SensitivityBase) -> dict[str, str]:
-    """What the stored float metric, calibration and ranking depend on, one short digest each."""
+def _fingerprint_parts(model: nn.Module, config: QuantConfig, inputs: tuple[Any, ...]) -> dict[str, str]:
+    """What the stored float metric, calibration and evaluations depend on, one short digest each.
+
+    The sensitivity is not part of it: it decides only the ranking, which is
+    stored with the sensitivity's name and recomputed alone when that changes.
+    """
     return {
         "amct_opt version": __version__,
         "model weights": combine(model_fingerprint(model)),
         "quant config": combine(config.fingerprint()),
         "input shapes": str([tuple(t.shape) for t in inputs]),
-        "sensitivity": type(sens).__qualname__,
     }
 
 
@@ -256,12 +258,14 @@ def _check_fingerprint(study: optuna.Study, parts: dict[str, str], coordinator: 
         if stored is not None:
             before = study.user_attrs.get("fingerprint_parts")
             changed = [k for k in parts if not isinstance(before, dict) or before.get(k) != parts[k]]
+            changed = changed or ["fingerprint scheme (another amct_opt release)"]
             logger.info(
                 "study %r was made for another run: the %s changed (fingerprint %s, now %s). "
                 "Recomputing the float metric, calibration and ranking; earlier trials are kept "
                 "but not reused", study.study_name, " and the ".join(changed), stored, fingerprint,
             )
-        for key in ("float_metric", "all_quant_metric", "ranking", "record.parts", "output_ranges.parts"):
+        for key in ("float_metric", "all_quant_metric", "ranking", "ranking_sensitivity", "record.parts",
+                    "output_ranges.parts"):
             if key in study.user_attrs:
                 study.set_user_attr(key, None)
         study.set_user_attr("fingerprint_parts", parts)
@@ -278,7 +282,7 @@ def _start(
     study, label = _open_study(search, paths)
     opened.append(study)
     coordinator = Coordinator(study)
-    fingerprint = _check_fingerprint(study, _fingerprint_parts(model, config, inputs, sens), coordinator)
+    fingerprint = _check_fingerprint(study, _fingerprint_parts(model, config, inputs), coordinator)
     input_names, output_names, dynamic_axes = names
     setup = RunSetup(
         runner=runner, config=config, paths=paths, inputs=inputs,

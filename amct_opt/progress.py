@@ -29,6 +29,8 @@ class SearchProgress:
         self.started = time.monotonic()
         self.evaluations = 0
         self.best_share: float | None = None
+        #: ``time.monotonic()`` at which a timeout ends the search (None: no timeout).
+        self.deadline: float | None = None
 
     def _emit(self, message: str, *args: object) -> None:
         if self.enabled:
@@ -41,9 +43,14 @@ class SearchProgress:
             self.best_share = share
         best = "none yet" if self.best_share is None else f"{self.best_share:.1%}"
         eta = ""
+        now = time.monotonic()
+        left: float | None = None
         if self.budget:
-            per_eval = (time.monotonic() - self.started) / self.evaluations
-            eta = f" | ETA {_duration(per_eval * max(0, self.budget - done))}"
+            left = (now - self.started) / self.evaluations * max(0, self.budget - done)
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - now) if left is None else min(left, max(0.0, self.deadline - now))
+        if left is not None:
+            eta = f" | ETA {_duration(left)}"
         of = f"/{self.budget}" if self.budget else ""
         self._emit(
             "[eval %d%s] trial %d: %d/%d layers int8, quantized share %.1f%%, metric %.6g, "

@@ -55,11 +55,18 @@ def _share(trial: FrozenTrial) -> float:
 
 
 def read_trials(study: optuna.Study) -> list[TrialRow]:
-    """Completed, really evaluated trials (copies of an earlier identical trial left out), oldest first."""
+    """Completed, really evaluated trials of the study's current model and config, oldest first.
+
+    Copies of an earlier identical trial are left out, and so are trials made
+    for an earlier model or config of the study (another ``fingerprint``).
+    """
+    current = study.user_attrs.get("fingerprint")
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         if "metric" not in attrs or "cached_from" in attrs:
+            continue
+        if current is not None and attrs.get("fingerprint", current) != current:
             continue
         plan = {name: value == INT8 for name, value in trial.params.items()}
         rows.append(TrialRow(trial.number, plan, bool(attrs.get("ok")), float(attrs["loss"]), _share(trial)))

@@ -126,12 +126,11 @@ def _check_fingerprint(study: optuna.Study, trial: FrozenTrial, model: nn.Module
     input shapes and the sensitivity of the run do not, so they are not compared.
     """
     from .auto_calibration_setup import _fingerprint_parts
-    from .sensitivity import CosineSimilarity
 
     stored = study.user_attrs.get("fingerprint_parts")
     if not isinstance(stored, dict):
         raise InputError(f"study_name: study {study.study_name!r} holds no fingerprint; it was not made by a search")
-    parts = _fingerprint_parts(model, config, inputs, CosineSimilarity())
+    parts = _fingerprint_parts(model, config, inputs)
     changed = [key for key in _MODEL_PARTS if stored.get(key) != parts[key]]
     if changed:
         raise InputError(

@@ -133,8 +133,12 @@ class SearchStudy:
         return max(feasible, key=lambda r: (round(r.share, 12), -r.result.loss, -r.number))
 
     def pareto_front(self, judge: Judge | None = None) -> list[TrialRecord]:
-        """Records not dominated in (lower loss, larger share)."""
-        records = self.records(judge)
+        """Feasible records that no feasible record beats on both lower loss and larger share; by share.
+
+        The same front as Optuna's ``study.best_trials`` of a multi-objective
+        study, whose constraint keeps infeasible trials off it.
+        """
+        records = [r for r in self.records(judge) if r.result.ok]
         front = [
             r
             for r in records
@@ -145,7 +149,7 @@ class SearchStudy:
                 for o in records
             )
         ]
-        return sorted(front, key=lambda r: r.share)
+        return sorted(front, key=lambda r: (r.share, r.number))
 
     # -- writing -----------------------------------------------------------
     def _decided_key(self, trial: FrozenTrial) -> tuple[bool, ...] | None:

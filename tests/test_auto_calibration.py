@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -116,6 +117,21 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def test_the_seed_signature_and_the_evaluator_base() -> None:
+    parameters = inspect.signature(amct.accuracy_based_auto_calibration).parameters
+    assert [(p.name, p.default) for p in parameters.values()] == [
+        ("model", inspect.Parameter.empty), ("model_evaluator", inspect.Parameter.empty),
+        ("config_file", inspect.Parameter.empty), ("record_file", inspect.Parameter.empty),
+        ("save_dir", inspect.Parameter.empty), ("input_data", inspect.Parameter.empty),
+        ("input_names", None), ("output_names", None), ("dynamic_axes", None),
+        ("strategy", "BinarySearch"), ("sensitivity", "CosineSimilarity"),
+    ]
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters.values())
+    assert amct.AutoCalibrationEvaluatorBase.__abstractmethods__ == {"calibration", "evaluate", "metric_eval"}
+    assert list(inspect.signature(amct.AutoCalibrationEvaluatorBase.metric_eval).parameters) == [
+        "self", "original_metric", "new_metric"]
+
+
 def test_full_flow_writes_every_output_with_the_exact_names(roll_back: Run) -> None:
     root, result = roll_back.root, roll_back.result
     assert {p.name for p in (root / "out").iterdir()} == OUT_FILES
@@ -167,6 +183,7 @@ def test_full_flow_writes_every_output_with_the_exact_names(roll_back: Run) -> N
     assert sorted(fusion["float_layers"]) == sorted(result.layers_kept_float)
     log = (root / "amct_log" / "amct_onnx.log").read_text()
     assert "auto calibration finished" in log
+    assert "[eval 2] trial 1:" in log and "best feasible" in log  # progress lines, on by default
     assert log.count("net_fake_quant_model.onnx and") == 1  # one export, after the search
     assert log.index("search stopped") < log.index("net_fake_quant_model.onnx and")
 
@@ -338,19 +355,64 @@ def test_resume_after_an_interrupted_evaluation_repeats_nothing(roll_back: Run, 
     assert result.evaluations_this_run == roll_back.result.evaluations - 1
 
 
-def test_a_changed_weight_recomputes_everything_and_says_why(roll_back: Run, trained: Trained, tmp_path: Path) -> None:
-    root = copy_root(roll_back, tmp_path)
-    model = copy.deepcopy(trained.model)
+def change_weight(root: Path, model: nn.Module) -> None:
     with torch.no_grad():
         model.fc2.weight[0, 0] += 0.5
+
+
+def change_config(root: Path, model: nn.Module) -> None:
+    config = read_json(root / "quant.json")
+    config["fc2"]["activation_quant_params"]["search_step"] = 0.02
+    (root / "quant.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("change", "reason", "unchanged"), [
+    (change_weight, "the model weights changed", "quant config"),
+    (change_config, "the quant config changed", "model weights"),
+])
+def test_a_changed_weight_or_config_recomputes_everything_and_says_why(
+    roll_back: Run, trained: Trained, tmp_path: Path, change: Any, reason: str, unchanged: str
+) -> None:
+    root = copy_root(roll_back, tmp_path)
+    model = copy.deepcopy(trained.model)
+    change(root, model)
     old_record = read_record(root / "record.txt")
     evaluator = PlanLog(trained, ROLL_BACK_TARGET)
-    call(root, model, evaluator)
+    result = call(root, model, evaluator)
     log = (root / "amct_log" / "amct_onnx.log").read_text()
-    assert "the model weights changed" in log and "quant config changed" not in log
-    assert read_record(root / "record.txt")["fc2"] != old_record["fc2"]  # recalibrated and overwritten
+    assert reason in log and f"{unchanged} changed" not in log
     assert evaluator.evaluated[0] is None  # the float model is evaluated again
-    assert evaluator.calibration_calls >= 1
+    assert log.index(reason) < log.rindex("calibrating 7 layers")  # calibrated again (and ranked if needed)
+    assert evaluator.calibration_calls == (1 if result.stop_reason.startswith("the all-INT8 model meets") else 2)
+    assert result.evaluations == result.evaluations_this_run  # earlier trials are not reused
+    if change is change_weight:
+        assert read_record(root / "record.txt")["fc2"] != old_record["fc2"]  # recalibrated and overwritten
+
+
+def test_another_sensitivity_ranks_again_and_reuses_the_rest(
+    roll_back: Run, trained: Trained, tmp_path: Path
+) -> None:
+    root = copy_root(roll_back, tmp_path)
+    cosine = read_json(root / "out" / "accuracy_based_auto_calibration_ranking_information.json")
+    evaluator = PlanLog(trained, ROLL_BACK_TARGET)
+    result = call(root, trained.model, evaluator, sensitivity="MSE")
+    log = (root / "amct_log" / "amct_onnx.log").read_text()
+    assert "made by CosineSimilarity, this run asks for MseSensitivity: ranking again" in log
+    assert "changed (fingerprint" not in log
+    assert evaluator.calibration_calls == 1  # the ranking pass only: the calibration is reused
+    assert None not in evaluator.evaluated  # so is the float metric
+    assert not set(evaluator.evaluated) & set(roll_back.evaluator.evaluated)  # and every stored evaluation
+    assert result.evaluations - result.evaluations_this_run == roll_back.result.evaluations
+    mse = read_json(root / "out" / "accuracy_based_auto_calibration_ranking_information.json")
+    assert dict(mse) != dict(cosine) and sorted(dict(mse)) == sorted(LAYERS)
+    study = optuna.load_study(study_name="net", storage=f"sqlite:///{root / 'out' / 'amct_opt.db'}")
+    assert study.user_attrs["ranking_sensitivity"] == "MseSensitivity"
+    assert study.user_attrs["ranking"] == dict(mse)
+    # Back to the first sensitivity: ranked again, nothing else.
+    again = PlanLog(trained, ROLL_BACK_TARGET)
+    back = call(root, trained.model, again)
+    assert again.calibration_calls == 1 and again.evaluated == []
+    assert back.final_plan == roll_back.result.final_plan
 
 
 class TwiceAndFunctional(nn.Module):
@@ -409,14 +471,15 @@ def test_a_module_called_twice_and_a_functional_conv(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_binary_search_takes_any_sqlalchemy_url_and_study_name(
+def test_binary_search_takes_any_sqlalchemy_url_study_name_and_progress_flag(
     roll_back: Run, trained: Trained, tmp_path: Path
 ) -> None:
     root = new_root(tmp_path, trained.model)
     url = f"sqlite:///{tmp_path / 'elsewhere' / 'searches.db'}"
     (tmp_path / "elsewhere").mkdir()
     result = call(root, trained.model, PlanLog(trained, ROLL_BACK_TARGET),
-                  strategy=BinarySearch(storage=url, study_name="mnist-bs"))
+                  strategy=BinarySearch(storage=url, study_name="mnist-bs", show_progress=False))
+    assert "[eval " not in (root / "amct_log" / "amct_onnx.log").read_text()  # progress off
     assert result.final_plan == roll_back.result.final_plan
     assert result.study_name == "mnist-bs" and result.storage == url
     assert not (root / "out" / "amct_opt.db").exists()

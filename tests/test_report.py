@@ -73,6 +73,19 @@ def test_importance_uses_optuna_with_enough_trials() -> None:
     assert max(scores, key=scores.get) == "a"
 
 
+def test_trials_of_an_earlier_model_are_left_out() -> None:
+    study = optuna.create_study(directions=["maximize"])
+    distributions = {name: CategoricalDistribution(CHOICES) for name in ("a", "b", "c")}
+    for made_for in ("old", "new", None):
+        attrs = {"metric": 1.0, "loss": 0.0, "ok": True} | ({} if made_for is None else {"fingerprint": made_for})
+        study.add_trial(optuna.trial.create_trial(
+            params=dict.fromkeys(("a", "b", "c"), INT8), distributions=distributions, value=1.0, user_attrs=attrs,
+        ))
+    assert [r.number for r in read_trials(study)] == [0, 1, 2]  # no current fingerprint: all of them
+    study.set_user_attr("fingerprint", "new")
+    assert [r.number for r in read_trials(study)] == [1, 2]
+
+
 def test_write_report_refuses_an_empty_study(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no evaluated trial"):
         write_report(optuna.create_study(study_name="empty"), tmp_path)

@@ -135,9 +135,11 @@ class ReferenceStrategyAdapter(SearchStrategy):
 
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
-        # A reference strategy may say where its study lives, as BinarySearch(storage=...) does.
+        # A reference strategy may say where its study lives and whether to log progress,
+        # as BinarySearch(storage=..., show_progress=...) does.
         self.storage = getattr(strategy, "storage", None)
         self.study_name = getattr(strategy, "study_name", None)
+        self.show_progress = bool(getattr(strategy, "show_progress", True))
         self._last: tuple[bool, float] | None = None
         self._layers: list[str] = []
         self._final: dict[str, bool] | None = None

@@ -23,12 +23,14 @@ class BinarySearch(AutoCalibrationStrategyBase):
             ``postgresql+psycopg://…``, ``mysql+pymysql://…``) or an Optuna
             storage.  None: ``amct_opt.db`` beside the outputs.
         study_name: the study's name.  None: the output prefix.
+        show_progress: log a line per evaluation (count, best so far).
     """
 
-    def __init__(self, *, storage: Any = None, study_name: str | None = None) -> None:
+    def __init__(self, *, storage: Any = None, study_name: str | None = None, show_progress: bool = True) -> None:
         check_study_location(storage, study_name)
         self.storage = storage
         self.study_name = study_name
+        self.show_progress = bool(show_progress)
         self._order: list[str] = []
         self._left = 0
         self._right = -1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ from amct_opt.strategies._loss_model import best_under_capacity
 from amct_opt.strategies.base import ReferenceStrategyAdapter
 from amct_opt.strategies.optuna_search import SAMPLER_EVERY, SAMPLER_NAMES, make_sampler
 from amct_opt.trials import CONSTRAINT_KEY
+from amct_opt.types import EvalResult
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -210,6 +212,27 @@ def test_multi_objective_keeps_the_feasible_pareto_front() -> None:
     }
     front = {(round(t.values[0], 9), round(t.values[1], 9)) for t in study.best_trials}
     assert front == expected and len(front) >= 2
+    ours = run.study.pareto_front(landscape.judge)
+    assert {(round(r.result.loss, 9), round(r.share, 9)) for r in ours} == expected
+    assert all(r.result.ok for r in ours) and [r.share for r in ours] == sorted(r.share for r in ours)
+
+
+class SlowLandscape(Landscape):
+    def evaluate(self, plan: dict[str, bool]) -> EvalResult:
+        time.sleep(0.1)
+        return super().evaluate(plan)
+
+
+def test_timeout_ends_the_search() -> None:
+    base = make_landscape(12, seed=13)
+    landscape = SlowLandscape(base.losses, base.macs, base.target)
+    strategy = OptunaSearch(timeout=0.8, seed=0, show_progress=False)
+    started = time.monotonic()
+    run = run_strategy(landscape, strategy)
+    assert strategy.n_trials is None  # a timeout alone sets no evaluation budget
+    assert run.stop_reason == "timeout of 0.8 s reached"
+    assert time.monotonic() - started < 0.8 + 1.0
+    assert 3 <= run.study.evaluated_count() <= 12
 
 
 @pytest.mark.parametrize("seed", range(6))

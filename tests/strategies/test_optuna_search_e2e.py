@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -13,6 +14,7 @@ from conftest import Trained
 from search_run import N_TRIALS, DistortionEvaluator, SearchedRun, searched_run
 
 import amct_opt as amct
+from amct_opt.report import write_report
 from amct_opt.strategies import OptunaSearch
 from amct_opt.strategies.optuna_search import SAMPLER_NAMES
 from amct_opt.trials import CONSTRAINT_KEY, FLOAT, INT8
@@ -127,3 +129,55 @@ def test_every_named_sampler_runs_end_to_end(run: SearchedRun, tmp_path: Path, t
         new = optuna.load_study(study_name="small", storage=storage).trials[before:]
         assert any(t.user_attrs.get("source") == "sampler" and t.state.name == "COMPLETE" for t in new), name
         assert result.evaluations == budget, name
+
+
+def test_strategy_optuna_by_name_runs_with_the_defaults(run: SearchedRun, tmp_path: Path, trained: Trained,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="amct_opt")
+    evaluator = run.new_evaluator(trained)
+    with contextlib.chdir(tmp_path):
+        result = amct.accuracy_based_auto_calibration(
+            run.model, evaluator, str(run.config_file), "record.txt", "out/small", run.input_data, strategy="optuna",
+        )
+    # The default storage and study name: amct_opt.db beside the outputs, the prefix.
+    storage = f"sqlite:///{(tmp_path / 'out' / 'amct_opt.db').as_posix()}"
+    assert result.study_name == "small" and result.storage == storage
+    study = optuna.load_study(study_name="small", storage=storage)
+    # The default budget, the warm start, a feasible best trial exported.
+    budget = OptunaSearch.default_budget(7)
+    assert result.evaluations == budget or result.stop_reason == "strategy finished"
+    assert result.evaluations <= budget
+    sources = [t.user_attrs.get("source") for t in study.trials]
+    assert sources[0] == "all_quant" and sources[1] == "warm_start:binary_search"
+    assert result.reachable and (tmp_path / result.paths["deploy_model"]).is_file()
+    assert (tmp_path / "out" / "small_fake_quant_model.onnx").is_file()
+    assert evaluator.calibration_calls == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "amct_opt.search"]
+    assert any(f"/{budget}] trial" in line and "ETA" in line for line in lines)  # progress is on by default
+
+
+def test_multi_objective_returns_the_pareto_front(run: SearchedRun, tmp_path: Path, trained: Trained) -> None:
+    url = f"sqlite:///{(tmp_path / 'pareto.db').as_posix()}"
+    storage = optuna.storages.RDBStorage(url)  # an Optuna storage object, not a URL
+    evaluator = run.new_evaluator(trained)
+    with contextlib.chdir(tmp_path):
+        result = amct.accuracy_based_auto_calibration(
+            run.model, evaluator, str(run.config_file), "record.txt", "out/small", run.input_data,
+            strategy=OptunaSearch(n_trials=12, seed=0, storage=storage, study_name="pareto", multi_objective=True,
+                                  show_progress=False),
+        )
+    assert result.storage == url and result.evaluations == 12
+    study = optuna.load_study(study_name="pareto", storage=url)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    front = result.pareto_front
+    assert len(front) >= 2 and all(r.result.ok for r in front)
+    assert [r.share for r in front] == sorted(r.share for r in front)
+    # The same front as Optuna's own (feasibility-constrained) one, which the dashboard draws.
+    assert {(round(r.result.loss, 12), round(r.share, 12)) for r in front} == {
+        (round(t.values[0], 12), round(t.values[1], 12)) for t in study.best_trials
+    }
+    # The exported config is the front's end with the most quantized compute.
+    assert result.final_plan == front[-1].plan and result.quantized_share == pytest.approx(front[-1].share)
+    assert "Pareto front" in result.summary()
+    written = {p.name for p in write_report(study, tmp_path / "report")}
+    assert "pareto_front.png" in written
