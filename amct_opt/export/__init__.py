@@ -2,9 +2,9 @@
 
 Two models, as the reference writes them:
 
-- ``<prefix>_fake_quant_model.onnx``: float weights behind QuantizeLinear/DequantizeLinear
-  and activation quantizers as Div/Round/Clip/Mul, exactly where the torch fake quant
-  is; ONNX Runtime reproduces the torch outputs on any CPU.
+- ``<prefix>_fake_quant_model.onnx``: float weights and activations, each quantizer
+  as Div/Round/Clip/Mul, exactly where the torch fake quant is; ONNX Runtime
+  reproduces the torch outputs on any CPU.
 - ``<prefix>_deploy_model.onnx``: standard QDQ int8 ONNX that ONNX Runtime's CPU
   provider runs as integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat ...).
 """

@@ -119,11 +119,11 @@ def export_fake_quant_model(
 ) -> None:
     """Write the fake-quant ONNX model of ``qmodel``'s current plan to ``path``.
 
-    Float weights behind QuantizeLinear -> DequantizeLinear (int8 zero point,
-    per-channel), and each activation quantizer as the same arithmetic in
-    Div/Round/Clip/Mul, exactly where the torch fake quant is: ORT cannot fuse
-    it into integer kernels and reproduces :class:`QuantizedModel`'s outputs on
-    any CPU.  Layers switched to float have no quantizer.  ``input_names``,
+    Float weights and activations, each quantizer written as the arithmetic of
+    QuantizeLinear -> DequantizeLinear in Div/Round/Clip/Mul (per-channel scales
+    for weights), exactly where the torch fake quant is: ORT cannot fuse it into
+    integer kernels (QLinearConv, MatMulNBits ...) and reproduces
+    :class:`QuantizedModel`'s outputs on any CPU.  Layers switched to float have no quantizer.  ``input_names``,
     ``output_names`` and ``dynamic_axes`` mean what they mean to
     ``torch.onnx.export``.  The file is written atomically.
     """

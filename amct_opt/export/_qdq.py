@@ -113,19 +113,37 @@ def add_qdq(graph: Graph, source: str, target: str, qp: QParams, hint: str) -> o
     return q
 
 
-def add_simulated_qdq(graph: Graph, source: str, target: str, qp: QParams, hint: str) -> None:
-    """Add ``target = Clip(Round(source / scale), QMIN - zp, QMAX - zp) * scale`` (per tensor).
+def add_simulated_qdq(
+    graph: Graph, source: str, target: str, qp: QParams, hint: str, ndim: int | None = None
+) -> None:
+    """Add ``target = Clip(Round(source / scale), QMIN - zp, QMAX - zp) * scale``.
 
     The same values as :func:`add_qdq` bit for bit (true division, round half to
     even, integers exact in float32), in plain float ops that no ORT fusion turns
-    into an integer kernel.
+    into an integer kernel.  A per-axis ``qp`` needs ``source``'s rank ``ndim``:
+    its scales are broadcast along ``qp.axis``, and zero points that differ per
+    channel are applied with Max/Min (Clip takes scalar bounds only).
     """
-    zero_point = float(qp.zero_point)
-    scale = graph.add_initializer(qp.scale.astype(np.float32), f"{hint}_scale")
-    low = graph.add_initializer(np.array(QMIN - zero_point, np.float32), f"{hint}_qmin")
-    high = graph.add_initializer(np.array(QMAX - zero_point, np.float32), f"{hint}_qmax")
+    per_axis = not qp.per_tensor
+    if per_axis and ndim is None:
+        raise ValueError("add_simulated_qdq: a per-axis quantizer needs the source's rank")
+    scale_value = qp.scale.astype(np.float32)
+    zero_point = qp.zero_point.astype(np.float32)
+    if per_axis:
+        scale_value = _broadcast(scale_value, qp.axis, ndim or 0)
+        zero_point = _broadcast(zero_point, qp.axis, ndim or 0)
+        if np.all(zero_point == zero_point.flat[0]):
+            zero_point = np.array(zero_point.flat[0], np.float32)
+    scale = graph.add_initializer(scale_value, f"{hint}_scale")
+    low = graph.add_initializer((np.float32(QMIN) - zero_point).astype(np.float32), f"{hint}_qmin")
+    high = graph.add_initializer((np.float32(QMAX) - zero_point).astype(np.float32), f"{hint}_qmax")
     divided, rounded, clipped = (graph.fresh(f"{hint}_{step}") for step in ("div", "round", "clip"))
     graph.add_node("Div", [source, scale], [divided], f"{hint}_Div")
     graph.add_node("Round", [divided], [rounded], f"{hint}_Round")
-    graph.add_node("Clip", [rounded, low, high], [clipped], f"{hint}_Clip")
+    if zero_point.ndim == 0:
+        graph.add_node("Clip", [rounded, low, high], [clipped], f"{hint}_Clip")
+    else:
+        raised = graph.fresh(f"{hint}_max")
+        graph.add_node("Max", [rounded, low], [raised], f"{hint}_Max")
+        graph.add_node("Min", [raised, high], [clipped], f"{hint}_Min")
     graph.add_node("Mul", [clipped, scale], [target], f"{hint}_Mul")

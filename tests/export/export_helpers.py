@@ -241,20 +241,21 @@ def consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if name in node.input]
 
 
-COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+COMPUTE_OPS = ("Conv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul")
 
 
 def weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
-    """The initializer a compute node's weight comes from, through Q/DQ/Transpose."""
+    """The initializer a compute node's weight comes from, through Q/DQ/Transpose or Div/Round/Clip/Mul."""
     made_by = producers(model)
     name = node.input[1]
-    while name in made_by and made_by[name].op_type in ("QuantizeLinear", "DequantizeLinear", "Transpose"):
+    passes = ("QuantizeLinear", "DequantizeLinear", "Transpose", "Mul", "Min", "Max", "Clip", "Round", "Div")
+    while name in made_by and made_by[name].op_type in passes:
         name = made_by[name].input[0]
     return name
 
 
 def layer_node(model: onnx.ModelProto, layer: str) -> onnx.NodeProto:
-    """The Conv/Gemm/MatMul computing the wrapped layer ``layer`` (found by its weight's name)."""
+    """The Conv/ConvInteger/Gemm/MatMul computing the wrapped layer ``layer`` (found by its weight's name)."""
     prefix = f"model.{layer}.module.weight"
     found = [
         n for n in model.graph.node if n.op_type in COMPUTE_OPS and weight_source(model, n).startswith(prefix)

@@ -12,7 +12,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_cases import CASES, exported
-from export_helpers import ConvStack, initializers, layer_node, producers, quantize, run_ort, torch_out
+from export_helpers import (
+    ConvStack,
+    consumers,
+    initializers,
+    layer_node,
+    producers,
+    quantize,
+    run_ort,
+    torch_out,
+    weight_source,
+)
 
 import amct_opt as amct
 from amct_opt.calibration import calibrate_layers
@@ -26,16 +36,28 @@ FLOAT_COMPUTE_OPS = {"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", 
 #: Float matrix products that are not layers (attention) and layers ORT has no integer kernel
 #: for (ConvTranspose), per case.
 UNQUANTIZABLE_FLOAT_OPS = {"encoder": 2, "encoder_static": 2, "conv_transpose": 1}
-#: Quantized convs whose output feeds a float layer directly keep a float output, hence a float kernel.
-CONVS_BEFORE_FLOAT_LAYERS = {"mixed_float": 1}
-#: Quantized layers ORT runs with a float kernel: those convs, and every ConvTranspose.
-UNFUSED_LAYERS = {"mixed_float": {"block1.conv.0.0"}, "conv_transpose": {"up"}}
+#: Quantized layers ORT runs with a float kernel: every ConvTranspose (ORT has no integer one).
+UNFUSED_LAYERS = {"conv_transpose": {"up"}}
+#: Quantized convs whose output feeds a float layer directly: no output quantizer (that layer sees
+#: the float values of the fake-quant model), so an explicit ConvInteger on the int8 weight.
+INTEGER_CONVS = {"mixed_float": {"block1.conv.0.0"}}
+LEVELS = (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 
 
 def _dq_of(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
     node = producers(model)[name]
     assert node.op_type == "DequantizeLinear", node.op_type
     return node
+
+
+def _only_reader(model: onnx.ModelProto, name: str, op_type: str) -> onnx.NodeProto:
+    (reader,) = consumers(model, name)
+    assert reader.op_type == op_type, reader.op_type
+    return reader
+
+
+def _channels(scales: tuple[float, ...]) -> np.ndarray:
+    return np.array(scales, np.float32).reshape(-1, 1, 1, 1)
 
 
 def _axis(node: onnx.NodeProto) -> int | None:
@@ -60,10 +82,22 @@ def test_weights_are_int8_initializers_followed_by_dequantize(name: str) -> None
             np.testing.assert_array_equal(values[node.input[1]], case.qmodel.layer(layer).fq_weight.numpy())
             assert made_by[node.input[0]].op_type == "Mul"
             continue
+        factors = case.qmodel.layer(layer).factors
+        if layer in INTEGER_CONVS.get(name, ()):
+            # ConvInteger(x_u8, w_s8) -> Cast -> Mul(scale_x * scale_w per channel): the scales
+            # a DequantizeLinear would hold, applied to the int32 accumulator instead.
+            assert node.op_type == "ConvInteger" and values[node.input[1]].dtype == np.int8
+            fq_weight = case.qmodel.layer(layer).fq_weight.numpy()
+            np.testing.assert_array_equal(values[node.input[1]], np.round(fq_weight / _channels(factors.scale_w)))
+            mul = _only_reader(model, _only_reader(model, node.output[0], "Cast").output[0], "Mul")
+            x_scale = values[made_by[node.input[0]].input[1]]
+            np.testing.assert_allclose(
+                values[mul.input[1]].ravel(), x_scale * np.float32(factors.scale_w), rtol=1e-6
+            )
+            continue
         dq = _dq_of(model, node.input[1])
         assert values[dq.input[0]].dtype == np.int8
         scale = values[dq.input[1]]
-        factors = case.qmodel.layer(layer).factors
         if len(factors.scale_w) > 1:
             expected_axis = 1 if node.op_type in ("ConvTranspose", "MatMul") else 0
             assert (scale.shape, _axis(dq)) == ((len(factors.scale_w),), expected_axis)
@@ -82,8 +116,15 @@ def test_biases_are_int32_where_ort_fuses_them(name: str) -> None:
         node = layer_node(model, layer)
         if not on or case.qmodel.layer(layer).module.bias is None:
             continue
-        if layer in UNFUSED_LAYERS.get(name, ()):  # ConvTranspose, or a conv before a float layer
+        if layer in UNFUSED_LAYERS.get(name, ()):  # ConvTranspose
             assert values[node.input[2]].dtype == np.float32
+            continue
+        if layer in INTEGER_CONVS.get(name, ()):  # ConvInteger: the float bias added to its float output
+            cast = _only_reader(model, node.output[0], "Cast")
+            add = _only_reader(model, _only_reader(model, cast.output[0], "Mul").output[0], "Add")
+            np.testing.assert_array_equal(
+                values[add.input[1]].ravel(), case.qmodel.layer(layer).module.bias.detach().numpy()
+            )
             continue
         if node.op_type == "MatMul":
             add = next(n for n in model.graph.node if node.output[0] in n.input)
@@ -101,24 +142,34 @@ def test_biases_are_int32_where_ort_fuses_them(name: str) -> None:
         assert not values[dq.input[2]].any()
 
 
+def _runs_on(optimized: onnx.ModelProto, weight: str) -> list[str]:
+    """Op types of the nodes in ORT's optimized graph that read the initializer ``weight``."""
+    return [node.op_type for node in optimized.graph.node if weight in node.input]
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=["extended", "all"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_ort_runs_every_quantized_conv_and_linear_as_an_integer_op(name: str) -> None:
-    """Every quantized Conv, Gemm and MatMul, except a conv read by a float layer (the fake-quant
-    model hands that layer unquantized values) and ConvTranspose (no ORT integer kernel)."""
+def test_ort_runs_every_quantized_conv_and_linear_as_an_integer_op(name: str, level: object) -> None:
+    """In the graph ORT writes (``SessionOptions.optimized_model_filepath``), each quantized Conv,
+    Gemm and MatMul layer's int8 weight is read by an integer kernel, and each float layer's float
+    weight by a float one.  The one exception: ConvTranspose, for which ORT has no integer kernel."""
     case = exported(name)
-    counts = op_counts(optimized_model(case.paths.deploy_path))
-    plan = case.qmodel.plan
-    transposed = sum(
-        1 for n, on in plan.items() if on and "ConvTranspose" in type(case.qmodel.layer(n).module).__name__
-    )
-    quantized = sum(plan.values()) - transposed - CONVS_BEFORE_FLOAT_LAYERS.get(name, 0)
-    float_layers = len(plan) - sum(plan.values())
-    integer = sum(counts[op] for op in INTEGER_OPS)
-    floating = sum(counts[op] for op in FLOAT_COMPUTE_OPS)
-    assert integer == quantized, counts
-    assert floating == float_layers + UNQUANTIZABLE_FLOAT_OPS.get(name, 0) + CONVS_BEFORE_FLOAT_LAYERS.get(
-        name, 0
-    )
+    model = onnx.load(case.paths.deploy_path)
+    optimized = optimized_model(case.paths.deploy_path, level)
+    values = initializers(model)
+    for layer, on in case.qmodel.plan.items():
+        weight = weight_source(model, layer_node(model, layer))
+        ops = _runs_on(optimized, weight)
+        if on and layer not in UNFUSED_LAYERS.get(name, ()):
+            assert values[weight].dtype == np.int8, layer
+            assert len(ops) == 1 and ops[0] in INTEGER_OPS, (layer, ops)
+        else:  # (at ORT_ENABLE_ALL, ORT re-lays a float conv's weight out under another name)
+            assert not set(ops) & INTEGER_OPS, (layer, ops)
+    counts = op_counts(optimized)
+    quantized = sum(case.qmodel.plan.values()) - len(UNFUSED_LAYERS.get(name, ()))
+    float_layers = len(case.qmodel.plan) - sum(case.qmodel.plan.values())
+    assert sum(counts[op] for op in INTEGER_OPS) == quantized, counts
+    assert sum(counts[op] for op in FLOAT_COMPUTE_OPS) == float_layers + UNQUANTIZABLE_FLOAT_OPS.get(name, 0)
 
 
 def test_all_optimization_levels_fuse_the_mobilenet_like_model() -> None:

@@ -26,57 +26,70 @@ def test_ort_matches_torch_within_one_output_step(name: str) -> None:
     assert np.abs(actual - expected).max() <= step
 
 
-def _simulated_quantizer(made_by: dict[str, onnx.NodeProto], name: str) -> bool:
-    """True when ``name`` is made by Mul(Clip(Round(Div(x, scale)), qmin, qmax), scale)."""
-    chain = ["Mul", "Clip", "Round", "Div"]
+def _simulated_quantizer(made_by: dict[str, onnx.NodeProto], name: str) -> onnx.NodeProto | None:
+    """The Div of ``name = Mul(Clip(Round(Div(x, scale)), qmin, qmax), scale)`` (Min(Max()) for a
+    per-channel clip), or None when ``name`` is not made so."""
     node = made_by.get(name)
-    for op in chain:
+    if node is None or node.op_type != "Mul":
+        return None
+    node = made_by.get(node.input[0])
+    if node is not None and node.op_type == "Min":
+        node = made_by.get(node.input[0])
+        if node is None or node.op_type != "Max":
+            return None
+    elif node is None or node.op_type != "Clip":
+        return None
+    for op in ("Round", "Div"):
+        node = made_by.get(node.input[0])
         if node is None or node.op_type != op:
-            return False
-        if op != "Div":
-            node = made_by.get(node.input[0])
-    return True
+            return None
+    return node
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_float_weights_standard_ops_and_fake_quant_exactly_at_enabled_layers(name: str) -> None:
-    """Weights: QuantizeLinear -> DequantizeLinear on the float weight.  Activations: the same
-    arithmetic as Div/Round/Clip/Mul, so that ORT cannot fuse the model into integer kernels."""
+    """Weights and activations: Div/Round/Clip/Mul on the float tensor, so that ORT fuses nothing
+    into an integer kernel (neither QLinearConv nor MatMulNBits) and computes the torch values."""
     case = exported(name)
     model = onnx.load(case.paths.fake_quant_path)
     onnx.checker.check_model(model, full_check=True)
     assert {node.domain for node in model.graph.node} <= {""}
     assert {o.domain for o in model.opset_import} == {""}
-    assert all(a.dtype == np.float32 for a in initializers(model).values() if a.ndim >= 2)
+    values = initializers(model)
+    assert all(a.dtype == np.float32 for a in values.values() if a.ndim >= 2)
     made_by = producers(model)
     for layer, on in case.qmodel.plan.items():
         node = layer_node(model, layer)
-        weight = made_by.get(node.input[1])
-        if weight is not None and weight.op_type == "Transpose":
-            weight = made_by.get(weight.input[0])
+        weight = node.input[1]
+        if made_by.get(weight) is not None and made_by[weight].op_type == "Transpose":
+            weight = made_by[weight].input[0]
         if on:
-            assert weight is not None and weight.op_type == "DequantizeLinear"
-            assert made_by[weight.input[0]].op_type == "QuantizeLinear"
+            div = _simulated_quantizer(made_by, weight)
+            assert div is not None, layer
+            np.testing.assert_array_equal(values[div.input[0]], case.qmodel.layer(layer).module.weight.detach().numpy())
             assert _simulated_quantizer(made_by, node.input[0]), layer
         else:
-            assert weight is None, f"float layer {layer} has a quantized weight"
+            assert weight in values, f"float layer {layer} has a quantized weight"
             assert not _simulated_quantizer(made_by, node.input[0]), layer
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == sum(case.qmodel.plan.values())
-    assert ops.count("Round") == sum(case.qmodel.plan.values())
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ops)
+    assert ops.count("Round") == 2 * sum(case.qmodel.plan.values())
     counts = op_counts(optimized_model(case.paths.fake_quant_path))
-    assert not set(INTEGER_OPS) & set(counts), counts
+    assert not {*INTEGER_OPS, "MatMulNBits", "DynamicQuantizeMatMul"} & set(counts), counts
 
 
 def test_per_channel_weight_quantizers_use_the_output_channel_axis() -> None:
-    model = onnx.load(exported("conv_transpose").paths.fake_quant_path)
-    axes = {
-        layer: next(
-            a.i for a in producers(model)[layer_node(model, layer).input[1]].attribute if a.name == "axis"
-        )
-        for layer in ("conv", "up", "out")
-    }
-    assert axes == {"conv": 0, "up": 1, "out": 0}
+    """Per-channel scales broadcast along each weight's output-channel axis (1 for ConvTranspose)."""
+    case = exported("conv_transpose")
+    model = onnx.load(case.paths.fake_quant_path)
+    values, made_by = initializers(model), producers(model)
+    for layer, axis in (("conv", 0), ("up", 1), ("out", 0)):
+        div = _simulated_quantizer(made_by, layer_node(model, layer).input[1])
+        assert div is not None
+        scale = values[div.input[1]]
+        expected = [1] * 4
+        expected[axis] = len(case.qmodel.layer(layer).factors.scale_w)
+        assert list(scale.shape) == expected, layer
 
 
 def test_export_leaves_the_quantized_model_unchanged(tmp_path: Path) -> None:
