@@ -5,6 +5,11 @@ against one study (PostgreSQL or MySQL/MariaDB for several machines, SQLite
 for one) is a *worker*.  Optuna's RDB storage already shares the trials and
 fails and retries a crashed worker's trial by heartbeat; this module adds:
 
+* :func:`fail_stale_trials`: Optuna's check, plus the RUNNING trials that never
+  got a heartbeat (a worker killed between ``ask()`` and its first beat), which
+  Optuna would leave RUNNING forever.  :meth:`Coordinator.claim` makes sure a
+  trial has its first heartbeat before the evaluation starts.
+
 * **leases**: a row of Optuna's ``study_user_attributes`` table, whose
   ``UNIQUE(study_id, key)`` constraint makes "insert if absent" an atomic
   election on every backend.  The holder renews the row's heartbeat (the
@@ -30,6 +35,7 @@ Other storages (in-memory, journal) run one worker: every lease is granted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -45,7 +51,7 @@ from typing import Any, TypeVar
 import optuna
 import sqlalchemy as sa
 from optuna.storages import RDBStorage
-from optuna.storages._rdb.models import StudyUserAttributeModel
+from optuna.storages._rdb.models import StudyUserAttributeModel, TrialHeartbeatModel, TrialModel
 from optuna.trial import FrozenTrial, TrialState
 
 from .storage import heartbeat_settings
@@ -94,11 +100,65 @@ def _rdb(study: optuna.Study) -> RDBStorage | None:
     return storage if isinstance(storage, RDBStorage) else None
 
 
+#: ``(storage URL, trial id) -> time.monotonic()`` when this process first saw the RUNNING trial
+#: with no heartbeat row (see :func:`_fail_trials_without_heartbeat`).
+_HEARTBEATLESS: dict[tuple[str, int], float] = {}
+
+
 def fail_stale_trials(study: optuna.Study) -> None:
-    """Fail (and re-queue) the RUNNING trials of workers whose heartbeat stopped."""
+    """Fail (and re-queue) the RUNNING trials of workers whose heartbeat stopped, or never started."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    _fail_trials_without_heartbeat(study)
+
+
+def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
+    """Fail (and re-queue) RUNNING trials that have had no heartbeat row for a whole grace period.
+
+    Optuna's heartbeat check skips a RUNNING trial with no heartbeat row at all:
+    that of a worker killed after ``study.ask()`` set the trial RUNNING but
+    before its heartbeat thread's first write committed (a window of a few
+    milliseconds, longer when SQLite's lock is busy).  Such a trial would hold
+    its config, and a budget slot, forever.  Its age is measured on this
+    process's own clock, from the first time it was seen without a heartbeat,
+    so clock skew between machines does not matter.
+    """
+    storage = _rdb(study)
+    if storage is None or storage.heartbeat_interval is None:
+        return
+    grace = storage.grace_period if storage.grace_period is not None else 2 * storage.heartbeat_interval
+    url = str(storage.engine.url)
+    trials, beats = TrialModel.__table__, TrialHeartbeatModel.__table__
+    query = (
+        sa.select(trials.c.trial_id)
+        .select_from(trials.outerjoin(beats, beats.c.trial_id == trials.c.trial_id))
+        .where(
+            trials.c.study_id == study._study_id,
+            trials.c.state == TrialState.RUNNING,
+            beats.c.trial_id.is_(None),
+        )
+    )
+    with storage.engine.connect() as conn:
+        silent = set(conn.execute(query).scalars())
+    now = time.monotonic()
+    for key in [k for k in _HEARTBEATLESS if k[0] == url and k[1] not in silent]:
+        del _HEARTBEATLESS[key]  # finished, or its heartbeat started
+    stale = [tid for tid in sorted(silent) if now - _HEARTBEATLESS.setdefault((url, tid), now) > grace]
+    failed = []
+    for trial_id in stale:
+        try:
+            if study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+        _HEARTBEATLESS.pop((url, trial_id), None)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        frozen = study._storage.get_trial(trial_id)
+        logger.info("trial %d never sent a heartbeat for %d s (its worker died): failed", frozen.number, grace)
+        if callback is not None:
+            callback(study, copy.deepcopy(frozen))
 
 
 def in_flight(study: SearchStudy, exclude: int | None = None) -> list[FrozenTrial]:
@@ -108,6 +168,31 @@ def in_flight(study: SearchStudy, exclude: int | None = None) -> list[FrozenTria
         for t in study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if WORKER_ATTR in t.user_attrs and t.number != exclude
     ]
+
+
+def _first_heartbeat(study: optuna.Study, trial_id: int) -> None:
+    """Make sure the trial has a heartbeat row before its evaluation starts.
+
+    Optuna's heartbeat thread writes the first one concurrently with the
+    objective; until it commits, a worker killed now would leave a RUNNING trial
+    that no heartbeat check fails.  Wait for that row (up to one heartbeat
+    interval: the thread normally needs milliseconds), then write it here.
+    """
+    storage = _rdb(study)
+    if storage is None or storage.heartbeat_interval is None:
+        return
+    beats = TrialHeartbeatModel.__table__
+    query = sa.select(beats.c.trial_id).where(beats.c.trial_id == trial_id)
+    deadline = time.monotonic() + storage.heartbeat_interval
+    while True:
+        with storage.engine.connect() as conn:
+            if conn.execute(query).first() is not None:
+                return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+    with contextlib.suppress(optuna.exceptions.StorageInternalError, sa.exc.SQLAlchemyError):
+        storage.record_heartbeat(trial_id)  # (fails only if the thread inserted it at this moment)
 
 
 class Coordinator:
@@ -326,6 +411,7 @@ class Coordinator:
         stay below ``budget``.  So ``n_trials`` is exact across workers.
         """
         wanted = study.key(plan)
+        _first_heartbeat(self.study, trial._trial_id)
         with self.locked():
             running = in_flight(study, exclude=trial.number)
             if any((other := study.plan_of(t)) is not None and study.key(other) == wanted for t in running):

@@ -209,6 +209,7 @@ class SearchLoop:
                 return stored
             state = self.study.pending(proposal.plan)
             if state is TrialState.RUNNING and meanwhile:
+                fail_stale_trials(self.study.study)  # a crashed worker's trial is re-queued meanwhile too
                 before = self.evaluations
                 self.sample("sampler")
                 if self.budget_spent:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy as sa
+from optuna.storages._rdb.models import TrialHeartbeatModel
+from optuna.trial import TrialState
 
-from amct_opt.distributed import SETUP_LEASE, WORKER_ATTR, Coordinator
+from amct_opt.distributed import SETUP_LEASE, WORKER_ATTR, Coordinator, fail_stale_trials
 from amct_opt.errors import StorageError
 from amct_opt.storage import heartbeat_settings, mask_url, open_storage
 from amct_opt.trials import SearchStudy
@@ -106,6 +109,47 @@ def test_claim_refuses_a_running_duplicate_and_the_spent_budget(study: optuna.St
     assert coordinator.claim(store, other, {"a": True, "b": True}, budget=1) == "budget"
     assert coordinator.claim(store, other, {"a": True, "b": True}, budget=2) is None
     coordinator.close()
+
+
+def _heartbeat_rows(study: optuna.Study) -> set[int]:
+    """Trial ids that have a row in Optuna's heartbeat table."""
+    storage = study._storage._backend  # type: ignore[attr-defined]
+    with storage.engine.connect() as conn:
+        return set(conn.execute(sa.select(TrialHeartbeatModel.__table__.c.trial_id)).scalars())
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_claim_writes_the_first_heartbeat_before_the_evaluation(study: optuna.Study) -> None:
+    """A worker killed in evaluate() must leave a trial whose heartbeat goes stale, whatever Optuna's thread did."""
+    store = SearchStudy(study, ["a", "b"], {"a": LayerCost(1, 1), "b": LayerCost(1, 1)})
+    coordinator = Coordinator(study)
+    trial = _running(study, {"a": "int8", "b": "float"})
+    assert trial._trial_id not in _heartbeat_rows(study)
+    assert coordinator.claim(store, trial, {"a": True, "b": False}, budget=None) is None
+    assert trial._trial_id in _heartbeat_rows(study)
+    coordinator.close()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_that_never_sent_a_heartbeat_is_failed_after_the_grace_period_and_retried(
+    study: optuna.Study,
+) -> None:
+    """Killed between ask() and the first heartbeat: Optuna alone would leave it RUNNING forever."""
+    silent = _running(study, {"a": "int8", "b": "float"})  # ask() set it RUNNING; no heartbeat row
+    beating = _running(study, {"a": "float", "b": "int8"})
+    storage = study._storage._backend  # type: ignore[attr-defined]
+    started = time.monotonic()
+    while study._storage.get_trial(silent._trial_id).state is TrialState.RUNNING:
+        assert time.monotonic() - started < 8, "the silent trial was never failed"
+        storage.record_heartbeat(beating._trial_id)  # a live worker
+        fail_stale_trials(study)
+        time.sleep(0.2)
+    assert 2 <= time.monotonic() - started  # not before the 2 s grace period
+    assert study._storage.get_trial(beating._trial_id).state is TrialState.RUNNING
+    assert study._storage.get_trial(silent._trial_id).state is TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == silent.number]
+    assert [t.state for t in retried] == [TrialState.WAITING]
+    assert retried[0].system_attrs["fixed_params"] == {"a": "int8", "b": "float"}
 
 
 def test_a_storage_without_a_database_grants_every_lease() -> None:

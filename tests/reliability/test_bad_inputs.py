@@ -198,6 +198,9 @@ ROWS = [
     Row("save_dir-wrong-type", arg("save_dir", lambda a: 42), InputError, r"save_dir"),
     Row("save_dir-read-only-folder", arg("save_dir", lambda a: read_only_folder(a) / "net"), InputError,
         r"save_dir: folder .*locked.* is not writable", needs_permissions=True),
+    # Not writable even by root (who ignores the row above's chmod): a process's /proc folder.
+    Row("save_dir-unwritable-for-root-too", arg("save_dir", lambda a: "/proc/self/amct/net"), InputError,
+        r"save_dir: folder '/proc/\d+' is not writable"),
     Row("record_file-under-a-file", arg("record_file", lambda a: regular_file(a) / "sub" / "rec.txt"), InputError, r"record_file.*is a file"),
     Row("record_file-a-folder", arg("record_file", lambda a: a.root), InputError, r"record_file.*folder"),
     Row("record_file-none", arg("record_file", lambda a: None), InputError, r"record_file"),

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 from reliability_kit import check_files_sound, tiny_model, write_config
 
 import amct_opt._io as amct_io
@@ -60,7 +62,8 @@ OUTPUTS = [
 
 def environment(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("AMCT_TEST_")}
-    env.update(AMCT_OPT_HEARTBEAT_S="1", AMCT_OPT_GRACE_S="2", **extra)
+    # PYTHONFAULTHANDLER: a run aborted after a time-out prints every thread's stack.
+    env.update(AMCT_OPT_HEARTBEAT_S="1", AMCT_OPT_GRACE_S="2", PYTHONFAULTHANDLER="1", **extra)
     return env
 
 
@@ -71,10 +74,24 @@ def start(folder: Path, **extra: str) -> subprocess.Popen[str]:
     )
 
 
-def finish(folder: Path, proc: subprocess.Popen[str] | None = None) -> dict[str, Any]:
+def stuck(proc: subprocess.Popen[str], what: str) -> TimeoutError:
+    """Abort a run that is stuck (its stacks go to stderr) and say what it printed."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return TimeoutError(f"{what}; the run's stderr ends with:\n{(err or '')[-6000:]}")
+
+
+def finish(folder: Path, proc: subprocess.Popen[str] | None = None, timeout: float = 240) -> dict[str, Any]:
     """Run (or wait for ``proc``, already started on ``folder``) to the end; its result."""
     proc = proc or start(folder)
-    out, err = proc.communicate(timeout=240)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise stuck(proc, f"the run on {folder} did not finish within {timeout} s") from None
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
 
@@ -88,7 +105,7 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> b
         if proc.poll() is not None:
             return path.exists()
         time.sleep(0.02)
-    raise TimeoutError(f"{path} did not appear within {timeout} s")
+    raise stuck(proc, f"{path} did not appear within {timeout} s")
 
 
 def kill(proc: subprocess.Popen[str]) -> None:
@@ -189,3 +206,30 @@ def test_sigkill_at_many_points_then_resume(tmp_path: Path) -> None:
         assert (chain / name).read_bytes() == (reference / name).read_bytes(), name
     assert history(chain) == history(reference)
     assert check_files_sound(chain) == []  # no leftover temporary files either
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_heartbeat_does_not_stall_the_rerun(tmp_path: Path) -> None:
+    """SIGKILL between ``study.ask()`` and the trial's first heartbeat leaves a RUNNING trial with no
+    heartbeat row, which Optuna never finds stale (CI once stalled on one for over 120 s)."""
+    reference = new_folder(tmp_path / "reference")
+    expected = finish(reference)
+    chain = new_folder(tmp_path / "chain")
+    proc = start(chain, AMCT_TEST_PAUSE="calibration:2")  # the all-INT8 trial is stored, the ranking is not
+    assert wait_for(chain / "paused", proc)
+    kill(proc)
+    (chain / "paused").unlink()
+    # What the killed run would have left: the first BinarySearch step popped from the queue, no heartbeat.
+    first_step = optuna.load_study(study_name="net", storage=f"sqlite:///{reference}/out/amct_opt.db").trials[1]
+    study = optuna.load_study(study_name="net", storage=f"sqlite:///{chain}/out/amct_opt.db")
+    study.enqueue_trial(first_step.params, user_attrs={"source": first_step.user_attrs["source"]})
+    orphan = study.ask()
+    assert study.trials[orphan.number].state is TrialState.RUNNING
+
+    result = finish(chain, timeout=90)
+    assert result["final_plan"] == expected["final_plan"]
+    assert result["evaluations"] == expected["evaluations"]
+    study = optuna.load_study(study_name="net", storage=f"sqlite:///{chain}/out/amct_opt.db")
+    assert study.trials[orphan.number].state is TrialState.FAIL
+    for name in OUTPUTS:
+        assert (chain / name).read_bytes() == (reference / name).read_bytes(), name
