@@ -8,10 +8,10 @@ For each subject three ONNX models run side by side in one process:
   model (QDQ, per-channel, MinMax, after ``quant_pre_process``) with the same
   calibration batches.
 
-Latency is the median of ``--runs`` (>= 50) timed runs after 10 warm-up runs,
-at batch 1 and 32, with ``--threads`` intra-op threads (default 2) and every
-graph optimization on; the three models take turns run by run, so that the
-machine's load changes affect them alike.  Accuracy is the subject's own metric, computed through
+Latency is the median of ``--runs`` (>= 50) timed runs, at batch 1 and 32, with
+``--threads`` intra-op threads (default 2) and every graph optimization on; the
+three models take turns in 5 blocks of runs, each after 10 warm-up runs, so
+that the machine's load changes affect them alike.  Accuracy is the subject's own metric, computed through
 ORT.  Subjects: the examples' MobileNetV2 on MNIST (top-1) and MiniLM sentence
 encoder (mean cosine to the fp32 torch embeddings), when ``examples/`` imports.
 
@@ -63,6 +63,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_export.md"
 BATCH_SIZES = (1, 32)
 logger = logging.getLogger("bench_export")
 WARMUP = 10
+ROUNDS = 5
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -138,21 +139,25 @@ def _resize(batch: Batch, size: int) -> tuple[np.ndarray, ...]:
 def median_latencies_ms(
     sessions: dict[str, ort.InferenceSession], inputs: Sequence[np.ndarray], runs: int
 ) -> dict[str, float]:
-    """Median wall time per session of ``runs`` calls after :data:`WARMUP` untimed ones.
+    """Median wall time per session of ``runs`` timed calls.
 
-    The sessions take turns call by call, so that a change in the machine's load
-    during the measurement affects them all alike.
+    The sessions take turns in :data:`ROUNDS` blocks, so that a change in the
+    machine's load affects them alike; each block starts with :data:`WARMUP`
+    untimed calls.  Turns call by call would time each model against the
+    still-spinning thread pool of the one before it (ORT's intra-op threads spin
+    after a run), which on 2 cores slows whichever model runs next.
     """
     feeds = {name: _feed(session, inputs) for name, session in sessions.items()}
-    for name, session in sessions.items():
-        for _ in range(WARMUP):
-            session.run(None, feeds[name])
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
+    per_block = -(-runs // ROUNDS)
+    for _ in range(ROUNDS):
         for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds[name])
-            times[name].append(time.perf_counter() - start)
+            for _ in range(WARMUP):
+                session.run(None, feeds[name])
+            for _ in range(per_block):
+                start = time.perf_counter()
+                session.run(None, feeds[name])
+                times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
@@ -491,8 +496,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             agreements += subject_agreements
     command = " ".join(["python benchmarks/bench_export.py", *(sys.argv[1:] if argv is None else argv)])
     text = (
-        f"ORT {ort.__version__}, {args.threads} intra-op threads, median of {args.runs} runs after "
-        f"{WARMUP} warm-up runs.\nCPU: {cpu_description()}\n"
+        f"ORT {ort.__version__}, {args.threads} intra-op threads, median of {args.runs} runs in "
+        f"{ROUNDS} blocks that take turns, each after {WARMUP} warm-up runs.\nCPU: {cpu_description()}\n"
         f"Convolution weights: {bits}-bit (ours; Linear layers 8-bit), quantize_static reduce_range={bits == 7} "
         f"on the conv net.\nCommand: `{command}`\n\n"
         + table(rows)

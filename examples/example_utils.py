@@ -123,17 +123,25 @@ def run_session(sess: ort.InferenceSession, *inputs: torch.Tensor) -> torch.Tens
 
 
 def median_latencies(
-    sessions: Sequence[ort.InferenceSession], inputs: Sequence[torch.Tensor], runs: int = 30, warmup: int = 5
+    sessions: Sequence[ort.InferenceSession], inputs: Sequence[torch.Tensor], runs: int = 30, warmup: int = 3,
+    rounds: int = 5,
 ) -> list[float]:
-    """Median wall time (s) of each session on ``inputs``; calls are interleaved so load affects all alike."""
+    """Median wall time (s) of each session on ``inputs``, over ``runs`` timed calls each.
+
+    The sessions take turns in ``rounds`` blocks, so that a change in the machine's
+    load affects them alike; each block starts with ``warmup`` untimed calls, since
+    the threads of the session that ran before may still be spinning.  (Turns call
+    by call would time each model against the previous one's spinning threads.)
+    """
     feeds = [{meta.name: x.numpy() for meta, x in zip(s.get_inputs(), inputs, strict=True)} for s in sessions]
-    for _ in range(warmup):
-        for sess, feed in zip(sessions, feeds, strict=True):
-            sess.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
+    per_block = -(-runs // rounds)
+    for _ in range(rounds):
         for sess, feed, record in zip(sessions, feeds, times, strict=True):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            record.append(time.perf_counter() - start)
+            for _ in range(warmup):
+                sess.run(None, feed)
+            for _ in range(per_block):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]

@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 
 #: (expand ratio t, output channels c, repeats n, first stride s), as in the paper's table 2.
 BLOCK_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 2, 1),
-    (6, 64, 1, 2),
+    (1, 32, 1, 1),
+    (6, 48, 2, 2),
+    (6, 64, 2, 1),
+    (6, 128, 1, 2),
 )
 
 #: Bump when the architecture or the training recipe changes: it names the cache file.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 EPOCHS = 12
 BATCH_SIZE = 64
 LEARNING_RATE = 0.01
@@ -93,8 +93,8 @@ class MobileNetV2(nn.Module):
     def __init__(
         self,
         num_classes: int = 10,
-        stem_channels: int = 16,
-        last_channels: int = 192,
+        stem_channels: int = 32,
+        last_channels: int = 384,
         settings: Sequence[tuple[int, int, int, int]] = BLOCK_SETTINGS,
         dropout: float = 0.1,
     ) -> None:

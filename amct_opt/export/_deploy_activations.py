@@ -226,29 +226,15 @@ def requantize_conv_outputs(graph: Graph, outputs: list[LayerOutput]) -> None:
         _requantize(graph, output)
 
 
-def _integer_readers(graph: Graph, q: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """ConvInteger nodes reading ``q``'s output as their input, with ``q``'s zero point."""
-    return [
-        c
-        for c in graph.consumers(q.output[0])
-        if c.op_type == "ConvInteger" and c.input[0] == q.output[0] and c.input[1] != q.output[0]
-        and len(c.input) > 2 and c.input[2] == q.input[2]
-    ]
-
-
 def activations_to_uint8(graph: Graph) -> None:
-    """Activation quantizers from int8 to uint8: zero point + 128, the same real values.
-
-    A quantizer is converted with every reader: its DequantizeLinear nodes and the
-    ConvInteger nodes that take its zero point.
-    """
+    """Activation Q/DQ pairs from int8 to uint8: zero point + 128, the same real values."""
     converted: dict[int, str] = {}
     for q in [n for n in graph.nodes if n.op_type == "QuantizeLinear"]:
         qp = _activation_q(graph, q)
         readers = graph.consumers(q.output[0])
         if qp is None or graph.is_output(q.output[0]):
             continue
-        dqs = [*_dq_consumers(graph, q, qp), *_integer_readers(graph, q)]
+        dqs = _dq_consumers(graph, q, qp)
         if len(dqs) != len(readers):
             continue
         zero_point = int(qp.zero_point) + 128

@@ -1,24 +1,17 @@
-"""Quantized layers that ONNX Runtime cannot fuse into QLinearConv: an explicit integer or float kernel.
+"""Quantized layers that ONNX Runtime cannot fuse into an integer kernel: float kernels, same numbers.
 
-ORT's CPU provider fuses ``DQ(x), DQ(w) -> Conv`` into QLinearConv only when a
-QuantizeLinear reads the Conv's output.  A quantized Conv whose output feeds a
-layer kept float gets no output quantizer (that layer must see the float values
-it sees in the fake-quant model), and ORT would run it as a float Conv on a
-weight it dequantizes on every run, which misses its pre-packed kernels and is
-slower than the float model.  Such a Conv is written here as
-``ConvInteger(x_u8, w_s8) -> Cast -> Mul(scale_x * scale_w) -> Add(bias)``: an
-integer kernel on the int8 weight initializer with int32 accumulation, whose
-float output is the fake-quant Conv's up to float rounding, and no Q/DQ next to
-the float layer.
+A quantized Conv whose output feeds a layer kept float (so it gets no output
+QuantizeLinear), and every quantized ConvTranspose (ORT's CPU provider has no
+integer kernel for it), would run as ``DQ(x), DQ(w) -> Conv``: the weight is
+dequantized on every run and, not being a constant, misses ORT's pre-packed
+convolution kernels, which makes such a model slower than the float one.
 
-ORT has no integer ConvTranspose kernel (nor, for a weight zero point other
-than 0, a ConvInteger one): those layers get a constant float weight holding
-exactly the dequantized int8 values, and read their quantized input through
-Div/Round/Clip/Mul (the same arithmetic as QuantizeLinear -> DequantizeLinear,
-see :mod:`._fake_quant`, which leaves values already on the grid unchanged): ORT
-then runs a fast float kernel on the values the fake-quant model computes, and
-its WeightBiasQuantization pass, which requantizes float-weight layers that read
-a DequantizeLinear, leaves them alone.
+Here those layers get a constant float weight holding exactly the dequantized
+int8 values, and read their quantized input through Div/Round/Clip/Mul (the
+same arithmetic as QuantizeLinear -> DequantizeLinear, see :mod:`._fake_quant`,
+which leaves values already on the grid unchanged): ORT then runs a fast float
+kernel on the values the fake-quant model computes, and its WeightBiasQuantization pass, which requantizes
+float-weight layers that read a DequantizeLinear, leaves them alone.
 """
 
 from __future__ import annotations
@@ -83,61 +76,16 @@ def _activation_dq(graph: Graph, name: str) -> tuple[onnx.NodeProto, QParams] | 
     return dq, qp
 
 
-def _integer_conv(graph: Graph, conv: onnx.NodeProto, dq: onnx.NodeProto, x_qp: QParams) -> bool:
-    """Rewrite ``conv`` as ConvInteger -> Cast -> Mul -> (Add bias); False where ORT could not run it."""
-    weight_dq = graph.producer(conv.input[1])
-    if weight_dq is None or weight_dq.op_type != "DequantizeLinear":
-        return False
-    weight, w_qp = graph.array(weight_dq.input[0]), qparams(graph, weight_dq)
-    if weight is None or w_qp is None or weight.dtype != np.int8 or np.any(w_qp.zero_point != 0):
-        return False  # ORT's ConvInteger takes a per-tensor weight zero point only
-    if not (w_qp.per_tensor or w_qp.axis % weight.ndim == 0):
-        return False
-    bias = graph.array(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    if len(conv.input) > 2 and conv.input[2] and (bias is None or bias.dtype != np.float32):
-        return False
-    hint = conv.name or conv.output[0]
-    channels = [-1] + [1] * (weight.ndim - 2)  # [C, 1, ...]: broadcasts over N, C, spatial
-    scale = (x_qp.scale * w_qp.scale).astype(np.float32)
-    inputs = [
-        dq.input[0],
-        weight_dq.input[0],
-        dq.input[2],
-        graph.add_initializer(np.array(0, np.int8), f"{hint}_weight_zero_point"),
-    ]
-    accumulated, real = graph.fresh(f"{hint}_int32"), graph.fresh(f"{hint}_float")
-    output = conv.output[0]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
-    graph.remove(conv)
-    graph.add_node("ConvInteger", inputs, [accumulated], f"{hint}_ConvInteger", **attrs)
-    graph.add_node("Cast", [accumulated], [real], f"{hint}_Cast", to=onnx.TensorProto.FLOAT)
-    scale_name = graph.add_initializer(scale if w_qp.per_tensor else scale.reshape(channels), f"{hint}_scale")
-    if bias is None:
-        graph.add_node("Mul", [real, scale_name], [output], f"{hint}_Mul")
-    else:
-        scaled = graph.fresh(f"{hint}_scaled")
-        graph.add_node("Mul", [real, scale_name], [scaled], f"{hint}_Mul")
-        bias_name = graph.add_initializer(bias.reshape(channels), f"{hint}_bias")
-        graph.add_node("Add", [scaled, bias_name], [output], f"{hint}_Add")
-    for unused in (dq, weight_dq):
-        if not graph.consumers(unused.output[0]) and not graph.is_output(unused.output[0]):
-            graph.remove(unused)
-    return True
-
-
 def float_kernels_for_unfused_layers(graph: Graph) -> None:
-    """Give every quantized Conv without an output quantizer an explicit ConvInteger, and every
-    quantized ConvTranspose (or Conv ConvInteger cannot run) a constant dequantized weight and a
-    Div/Round/Clip/Mul input quantizer (same values)."""
+    """Give every quantized Conv without an output quantizer, and every quantized ConvTranspose,
+    a constant dequantized weight and a Div/Round/Clip/Mul input quantizer (same values)."""
     for node in list(graph.nodes):
         if node.op_type == "Conv" and _fused(graph, node):
             continue
         if node.op_type not in ("Conv", "ConvTranspose") or len(node.input) < 2:
             continue
-        activation = _activation_dq(graph, node.input[0])
-        if node.op_type == "Conv" and activation is not None and _integer_conv(graph, node, *activation):
-            continue
         weight = _dequantized_constant(graph, node.input[1])
+        activation = _activation_dq(graph, node.input[0])
         if weight is None or activation is None:
             continue
         hint = node.name or node.output[0]

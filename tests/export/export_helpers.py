@@ -237,11 +237,7 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in model.graph.node for out in node.output}
 
 
-def consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
-    return [node for node in model.graph.node if name in node.input]
-
-
-COMPUTE_OPS = ("Conv", "ConvInteger", "ConvTranspose", "Gemm", "MatMul")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
@@ -255,7 +251,7 @@ def weight_source(model: onnx.ModelProto, node: onnx.NodeProto) -> str:
 
 
 def layer_node(model: onnx.ModelProto, layer: str) -> onnx.NodeProto:
-    """The Conv/ConvInteger/Gemm/MatMul computing the wrapped layer ``layer`` (found by its weight's name)."""
+    """The Conv/Gemm/MatMul computing the wrapped layer ``layer`` (found by its weight's name)."""
     prefix = f"model.{layer}.module.weight"
     found = [
         n for n in model.graph.node if n.op_type in COMPUTE_OPS and weight_source(model, n).startswith(prefix)
