@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from export_cases import exported
-from export_helpers import Mlp, quantize, run_ort, session, torch_out
+from export_helpers import ConvStack, Mlp, quantize, run_ort, session, torch_out
 from torch import nn
 
 import amct_opt._io
@@ -57,6 +57,32 @@ def test_names_and_both_dynamic_axes_forms(axes: dict, batch_dim: str | None, tm
         for got, want in zip(outputs, expected):
             assert got.shape == (5, 4)
             assert np.abs(got - want.numpy()).max() <= 2 * float(want.max() - want.min()) / 255
+
+
+@pytest.mark.parametrize(
+    ("axes", "named"),
+    [
+        ({"images": [0, 2, 3]}, False),  # the seed's list form: torch.onnx names the axes
+        ({"images": {0: "batch", 2: "height", 3: "width"}}, True),
+    ],
+)
+def test_several_dynamic_axes_of_one_input(axes: dict, named: bool, tmp_path: Path) -> None:
+    """Batch, height and width all dynamic: both models run at shapes other than the exported one."""
+    x = torch.randn(2, 3, 16, 16)
+    qmodel = quantize(ConvStack(), (x,))
+    paths = export_models(qmodel, tmp_path / "conv", (x,), ["images"], ["logits"], axes)
+    other = torch.randn(3, 3, 24, 20)
+    with torch.no_grad():
+        expected = qmodel(other).numpy()
+    for path in (paths.fake_quant_path, paths.deploy_path):
+        dims = _dims(onnx.load(path).graph.input[0])
+        assert [isinstance(d, str) for d in dims] == [True, False, True, True]
+        assert dims[1] == 3
+        if named:
+            assert [dims[0], dims[2], dims[3]] == ["batch", "height", "width"]
+        (got,) = session(path, fused=path != paths.deploy_path).run(None, {"images": other.numpy()})
+        assert got.shape == (3, 10)
+        assert np.abs(got - expected).max() <= 2 * float(expected.max() - expected.min()) / 255
 
 
 def test_without_dynamic_axes_the_batch_is_fixed(tmp_path: Path) -> None:
