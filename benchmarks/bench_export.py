@@ -1,22 +1,25 @@
 """Benchmark: ONNX Runtime CPU latency and accuracy of fp32, our deploy model, and ORT's quantize_static.
 
-For each subject three ONNX models run side by side in one process:
+For each subject these ONNX models run side by side in one process:
 
 * ``fp32``: the float model, exported with the same exporter settings;
-* ``deploy``: amct_opt's ``<prefix>_deploy_model.onnx`` of the quantized model;
+* ``deploy ifmr`` / ``deploy hfmg``: amct_opt's ``<prefix>_deploy_model.onnx`` of
+  the all-INT8 model, its activations calibrated with IFMR (the config's
+  default) or HFMG (``"activation_quant_params": {"act_algo": "hfmg"}``);
 * ``quantize_static``: ``onnxruntime.quantization.quantize_static`` on the fp32
   model (QDQ, per-channel, MinMax, after ``quant_pre_process``) with the same
   calibration batches.
 
 Latency is the median of ``--runs`` (>= 50) timed runs, at batch 1 and 32, with
 ``--threads`` intra-op threads (default 2) and every graph optimization on; the
-three models take turns in 5 blocks of runs, each after 10 warm-up runs, so
-that the machine's load changes affect them alike.  Accuracy is the subject's own metric, computed through
-ORT.  Subjects: the examples' MobileNetV2 on MNIST (top-1) and MiniLM sentence
-encoder (mean cosine to the fp32 torch embeddings), when ``examples/`` imports.
+models take turns in 5 blocks of runs, each after 10 warm-up runs, so
+that the machine's load changes affect them alike.  Accuracy is the subject's
+own metrics, computed through ORT.  Subjects: the examples' MobileNetV2 on MNIST
+(top-1, log-likelihood, and fidelity to the float model) and MiniLM sentence
+encoder (cosine to the fp32 torch embeddings), when ``examples/`` imports.
 
-:func:`benchmark` takes (float model, quantized model, calibration batches,
-evaluation function), so any other model plugs in the same way.
+:func:`benchmark` takes (float model, quantized models, calibration batches,
+evaluation), so any other model plugs in the same way.
 
 Run: ``python benchmarks/bench_export.py [--subjects mobilenet_v2 minilm] [--runs 50]``.
 """
@@ -192,17 +195,19 @@ def ort_quantize_static(
 
 
 def library_qmodel(
-    model: nn.Module, batches: Sequence[Batch], workdir: Path, weight_bits: int = 8
+    model: nn.Module, batches: Sequence[Batch], workdir: Path, weight_bits: int = 8, act_algo: str = "ifmr"
 ) -> QuantizedModel:
     """amct_opt's default quantization of ``model`` (its config, BN folding, calibration), all layers on.
 
     Convolutions get ``weight_bits``-bit weights; Linear layers keep 8 (see
     :func:`amct_opt.export.ort_check.saturation_safe_defination`).
     """
-    config_path = workdir / "config.json"
+    config_path = workdir / f"config_{act_algo}.json"
+    defination: dict[str, Any] = dict(seven_bit_convolutions(model) or {}) if weight_bits == 7 else {}
+    if act_algo != "ifmr":
+        defination["activation_quant_params"] = {"act_algo": act_algo}
     create_quant_config(
-        str(config_path), model, batches[0], batch_num=len(batches),
-        config_defination=seven_bit_convolutions(model) if weight_bits == 7 else None,
+        str(config_path), model, batches[0], batch_num=len(batches), config_defination=defination or None
     )
     config = QuantConfig.load(config_path)
     folded = fold_conv_bn(model, find_conv_bn_pairs(model))
@@ -231,7 +236,7 @@ def agreement(subject: str, run: str, fake_quant: np.ndarray, deploy: np.ndarray
 def benchmark(
     name: str,
     float_model: nn.Module,
-    qmodel: QuantizedModel,
+    qmodels: dict[str, QuantizedModel],
     calibration: Sequence[Batch],
     evaluation: Evaluation,
     input_names: Sequence[str],
@@ -243,24 +248,29 @@ def benchmark(
 ) -> tuple[list[Row], list[Agreement]]:
     """fp32, deploy and quantize_static ONNX models of one subject: latency and metric of each.
 
-    Also compares the deploy model's outputs with the fake-quant model's, run
-    both fused (ORT's integer kernels) and unfused (the model's arithmetic).
+    ``qmodels`` maps a label (the activation calibration) to a quantized model;
+    each gives a ``deploy <label>`` variant.  Also compares each deploy model's
+    outputs with its fake-quant model's, run both fused (ORT's integer kernels)
+    and unfused (the model's arithmetic).
     """
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     fp32 = workdir / f"{name}_fp32.onnx"
     export_float_model(float_model, fp32, calibration[0], input_names, output_names, axes)
-    exported = export_models(
-        qmodel,
-        workdir / name,
-        calibration[0],
-        input_names,
-        output_names,
-        axes,
-        calibration=lambda m: [m(*batch) for batch in calibration],
-    )
+    exported = {
+        f"deploy {label}": export_models(
+            qmodel,
+            workdir / f"{name}_{label}",
+            calibration[0],
+            input_names,
+            output_names,
+            axes,
+            calibration=lambda m: [m(*batch) for batch in calibration],
+        )
+        for label, qmodel in qmodels.items()
+    }
     static = workdir / f"{name}_quantize_static.onnx"
     ort_quantize_static(fp32, static, input_names, calibration, reduce_range)
-    paths = {"fp32": fp32, "deploy": exported.deploy_path, "quantize_static": static}
+    paths = {"fp32": fp32, **{v: e.deploy_path for v, e in exported.items()}, "quantize_static": static}
     sessions = {variant: _session(path, threads) for variant, path in paths.items()}
     latency = {
         size: median_latencies_ms(sessions, _resize(calibration[0], size), runs) for size in BATCH_SIZES
@@ -275,12 +285,15 @@ def benchmark(
         judged = tuple(metrics) if evaluation.judged is None else evaluation.judged
         rows.append(Row(name, variant, variant_latency, metrics, judged, integer_ops))
         logger.info("%s %s: %s ms, %s", name, variant, variant_latency, rows[-1].metrics)
-    fake_quant = _outputs(_session(exported.fake_quant_path, threads), evaluation.batches)
-    unfused = _outputs(_session(exported.deploy_path, threads, fused=False), evaluation.batches)
-    return rows, [
-        agreement(name, "integer kernels", fake_quant, outputs["deploy"], evaluation.classifier),
-        agreement(name, "unfused", fake_quant, unfused, evaluation.classifier),
-    ]
+    agreements = []
+    for variant, models in exported.items():
+        fake_quant = _outputs(_session(models.fake_quant_path, threads), evaluation.batches)
+        unfused = _outputs(_session(models.deploy_path, threads, fused=False), evaluation.batches)
+        agreements += [
+            agreement(name, f"{variant}, integer kernels", fake_quant, outputs[variant], evaluation.classifier),
+            agreement(name, f"{variant}, unfused", fake_quant, unfused, evaluation.classifier),
+        ]
+    return rows, agreements
 
 
 # -- the examples' subjects -------------------------------------------------------------------
@@ -296,12 +309,14 @@ class Settings:
     """How every subject is measured.
 
     ``weight_bits``: our convolutions' weights; 7 also sets quantize_static's
-    reduce_range on subjects that have convolutions.
+    reduce_range on subjects that have convolutions.  ``act_algos``: the
+    activation calibrations to export a deploy model with, each a variant.
     """
 
     runs: int
     threads: int
     weight_bits: int
+    act_algos: tuple[str, ...] = ("ifmr",)
 
 
 def mobilenet_v2(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agreement]]:
@@ -320,7 +335,7 @@ def mobilenet_v2(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agr
     data = load_mnist()
     model = train_or_load(ROOT / "examples" / ".cache", data).eval()
     batches = [(data.train_x[i : i + 64],) for i in range(0, 256, 64)]
-    qmodel = library_qmodel(model, batches, workdir, settings.weight_bits)
+    qmodels = {algo: library_qmodel(model, batches, workdir, settings.weight_bits, algo) for algo in settings.act_algos}
     labels = data.test_y.numpy()
     with torch.no_grad():
         reference = _log_softmax(model(data.test_x).numpy())
@@ -340,7 +355,7 @@ def mobilenet_v2(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agr
         judged=("KL to fp32", "top-1 agreement with fp32"),
     )
     return benchmark(
-        "mobilenet_v2", model, qmodel, batches, evaluation, ["input"], ["logits"], workdir,
+        "mobilenet_v2", model, qmodels, batches, evaluation, ["input"], ["logits"], workdir,
         settings.runs, settings.threads, settings.weight_bits == 7,  # a conv net: reduce_range applies
     )
 
@@ -356,7 +371,7 @@ def minilm(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agreement
     batches = [(ids[i : i + 16], mask[i : i + 16]) for i in range(0, len(ids), 16)]
     eval_ids, eval_mask = tokenize(tokenizer, evaluation_sentences)
     reference = embed(model, eval_ids, eval_mask).numpy()
-    qmodel = library_qmodel(model, batches, workdir, settings.weight_bits)
+    qmodels = {algo: library_qmodel(model, batches, workdir, settings.weight_bits, algo) for algo in settings.act_algos}
 
     def mean_cosine(got: np.ndarray) -> dict[str, float]:
         cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
@@ -370,7 +385,7 @@ def minilm(workdir: Path, settings: Settings) -> tuple[list[Row], list[Agreement
     return benchmark(
         "minilm",
         model,
-        qmodel,
+        qmodels,
         batches,
         evaluation,
         ["input_ids", "attention_mask"],
@@ -439,19 +454,21 @@ def target_lines(rows: Sequence[Row]) -> list[str]:
     big = BATCH_SIZES[-1]
     lines = []
     for subject in sorted({r.subject for r in rows}):
-        fp32, deploy, static = (by_key[(subject, v)] for v in ("fp32", "deploy", "quantize_static"))
-        if subject == CONV_NET:
-            speedup = fp32.latency_ms[big] / deploy.latency_ms[big]
-            lines.append(f"{subject}: deploy {speedup:.2f}x faster than fp32 at batch {big} "
-                         f"(target >= {MIN_SPEEDUP}x): {'met' if speedup >= MIN_SPEEDUP else 'NOT met'}")
-        ratio = deploy.latency_ms[big] / static.latency_ms[big]
-        lines.append(f"{subject}: deploy/quantize_static latency {ratio:.2f} at batch {big} "
-                     f"(target <= {MAX_STATIC_RATIO}): {'met' if ratio <= MAX_STATIC_RATIO else 'NOT met'}")
-        for name in deploy.judged:
-            ours, theirs = deploy.metrics[name], static.metrics[name]
-            good = ours <= theirs if name in LOWER_IS_BETTER else ours >= theirs
-            lines.append(f"{subject}: deploy {name} {ours:.4g} vs quantize_static {theirs:.4g} "
-                         f"(target: at least as good): {'met' if good else 'NOT met'}")
+        fp32, static = by_key[(subject, "fp32")], by_key[(subject, "quantize_static")]
+        for deploy in (r for r in rows if r.subject == subject and r.variant.startswith("deploy")):
+            label = f"{subject}: {deploy.variant}"
+            if subject == CONV_NET:
+                speedup = fp32.latency_ms[big] / deploy.latency_ms[big]
+                lines.append(f"{label} {speedup:.2f}x faster than fp32 at batch {big} "
+                             f"(target >= {MIN_SPEEDUP}x): {'met' if speedup >= MIN_SPEEDUP else 'NOT met'}")
+            ratio = deploy.latency_ms[big] / static.latency_ms[big]
+            lines.append(f"{label}/quantize_static latency {ratio:.2f} at batch {big} "
+                         f"(target <= {MAX_STATIC_RATIO}): {'met' if ratio <= MAX_STATIC_RATIO else 'NOT met'}")
+            for name in deploy.judged:
+                ours, theirs = deploy.metrics[name], static.metrics[name]
+                good = ours <= theirs if name in LOWER_IS_BETTER else ours >= theirs
+                lines.append(f"{label} {name} {ours:.4g} vs quantize_static {theirs:.4g} "
+                             f"(target: at least as good): {'met' if good else 'NOT met'}")
     return lines
 
 
@@ -476,6 +493,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="our convolutions' weight num_bits (7 also gives quantize_static reduce_range on the conv net); "
         "auto: 7 where ORT's u8s8 kernels may saturate (x86 without VNNI), else 8",
     )
+    parser.add_argument(
+        "--act-algos", nargs="+", choices=["ifmr", "hfmg"], default=["ifmr", "hfmg"],
+        help="activation calibrations to export a deploy model with (default: both; ifmr is the config default)",
+    )
     parser.add_argument("--write-results", action="store_true", help=f"also write the tables to {RESULTS}")
     args: Any = parser.parse_args(argv)
     if args.runs < 50:
@@ -484,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     bits = (7 if u8s8_kernels_may_saturate() else 8) if args.weight_bits == "auto" else int(args.weight_bits)
-    settings = Settings(args.runs, args.threads, bits)
+    settings = Settings(args.runs, args.threads, bits, tuple(args.act_algos))
     rows: list[Row] = []
     agreements: list[Agreement] = []
     with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
