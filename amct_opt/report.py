@@ -155,7 +155,7 @@ def _figure(width: float = 7.0, height: float = 4.5) -> Any:
 
 def _save_png(fig: Any, path: Path) -> Path:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # long layer names stay inside
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
