@@ -24,7 +24,7 @@ from .distributed import Coordinator
 from .errors import AmctError, ConfigError, EvaluatorError, InputError, StorageError, UnsupportedModelError
 from .evaluator import EvaluatorRunner
 from .fingerprint import combine, model_fingerprint
-from .fusion import FusionPair, find_conv_bn_pairs, fold_conv_bn
+from .fusion import FusionPair, fold_conv_bn, pairs_to_fold
 from .layers import find_quantizable_layers
 from .objectives import check_objective
 from .outputs import NewFiles, OutputPaths, as_input_tuple, resolve_outputs
@@ -192,8 +192,7 @@ def prepare_run(
     check_objective(search.objective)
     sens = resolve_sensitivity(sensitivity)
 
-    pairs = find_conv_bn_pairs(model) if config.do_fusion else []
-    pairs = [p for p in pairs if p.conv not in config.skip_fusion_layers]
+    pairs = pairs_to_fold(model, config)
     folded = fold_conv_bn(model, pairs)
     try:
         costs = measure_layer_costs(folded, inputs)

@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .config import QuantConfig
 from .errors import ConfigError, InputError, StorageError
-from .fusion import FusionPair, find_conv_bn_pairs, fold_conv_bn
+from .fusion import FusionPair, fold_conv_bn, fusion_info, pairs_to_fold
 from .layers import find_quantizable_layers
 from .outputs import OutputPaths, as_input_tuple, resolve_outputs, write_json
 from .quant_model import QuantizedModel, build_quantized_model
@@ -72,15 +72,7 @@ def write_plan_outputs(
         qmodel, str(paths.directory / paths.prefix), inputs, input_names, output_names, dynamic_axes,  # type: ignore[arg-type]
     )
     write_json(paths.final_config, config.with_plan(plan).to_dict())
-    write_json(
-        paths.fusion_info,
-        {
-            "version": __version__,
-            "fusions": [{"layer": p.conv, "fused": [p.conv, p.bn]} for p in fusions],
-            "quantized_layers": [name for name, on in plan.items() if on],
-            "float_layers": [name for name, on in plan.items() if not on],
-        },
-    )
+    write_json(paths.fusion_info, fusion_info(fusions, plan, __version__))
 
 
 def load_study(storage: Any, study_name: str) -> optuna.Study:
@@ -199,8 +191,7 @@ def export_trial(
     if not any(plan.values()):
         raise InputError(f"trial_number: trial {trial_number} keeps every layer float; there is no quantized model")
 
-    pairs = find_conv_bn_pairs(model) if config.do_fusion else []
-    pairs = [p for p in pairs if p.conv not in config.skip_fusion_layers]
+    pairs = pairs_to_fold(model, config)
     qmodel = build_quantized_model(
         fold_conv_bn(model, pairs), record_from_text(text, "study record"), searched.output_ranges()
     )
