@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +51,7 @@ from amct_opt.export.ort_check import (
     INTEGER_OPS,
     VNNI_FLAGS,
     cpu_flags,
+    median_latencies,
     op_counts,
     optimized_model,
     seven_bit_convolutions,
@@ -142,26 +141,12 @@ def _resize(batch: Batch, size: int) -> tuple[np.ndarray, ...]:
 def median_latencies_ms(
     sessions: dict[str, ort.InferenceSession], inputs: Sequence[np.ndarray], runs: int
 ) -> dict[str, float]:
-    """Median wall time per session of ``runs`` timed calls.
-
-    The sessions take turns in :data:`ROUNDS` blocks, so that a change in the
-    machine's load affects them alike; each block starts with :data:`WARMUP`
-    untimed calls.  Turns call by call would time each model against the
-    still-spinning thread pool of the one before it (ORT's intra-op threads spin
-    after a run), which on 2 cores slows whichever model runs next.
-    """
-    feeds = {name: _feed(session, inputs) for name, session in sessions.items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    per_block = -(-runs // ROUNDS)
-    for _ in range(ROUNDS):
-        for name, session in sessions.items():
-            for _ in range(WARMUP):
-                session.run(None, feeds[name])
-            for _ in range(per_block):
-                start = time.perf_counter()
-                session.run(None, feeds[name])
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+    """Median wall time per session of ``runs`` timed calls, in :data:`ROUNDS` blocks that take
+    turns, each after :data:`WARMUP` untimed calls (see :func:`median_latencies`)."""
+    medians = median_latencies(
+        list(sessions.values()), [_feed(s, inputs) for s in sessions.values()], runs, WARMUP, ROUNDS
+    )
+    return {name: 1000 * median for name, median in zip(sessions, medians, strict=True)}
 
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from amct_opt.export.ort_check import median_latencies as ort_median_latencies
 
 __all__ = [
     "config_for_this_cpu",
@@ -123,25 +123,8 @@ def run_session(sess: ort.InferenceSession, *inputs: torch.Tensor) -> torch.Tens
 
 
 def median_latencies(
-    sessions: Sequence[ort.InferenceSession], inputs: Sequence[torch.Tensor], runs: int = 30, warmup: int = 3,
-    rounds: int = 5,
+    sessions: Sequence[ort.InferenceSession], inputs: Sequence[torch.Tensor], runs: int = 30
 ) -> list[float]:
-    """Median wall time (s) of each session on ``inputs``, over ``runs`` timed calls each.
-
-    The sessions take turns in ``rounds`` blocks, so that a change in the machine's
-    load affects them alike; each block starts with ``warmup`` untimed calls, since
-    the threads of the session that ran before may still be spinning.  (Turns call
-    by call would time each model against the previous one's spinning threads.)
-    """
+    """Median wall time (s) of each session on ``inputs`` (see :func:`amct_opt.export.ort_check.median_latencies`)."""
     feeds = [{meta.name: x.numpy() for meta, x in zip(s.get_inputs(), inputs, strict=True)} for s in sessions]
-    times: list[list[float]] = [[] for _ in sessions]
-    per_block = -(-runs // rounds)
-    for _ in range(rounds):
-        for sess, feed, record in zip(sessions, feeds, times, strict=True):
-            for _ in range(warmup):
-                sess.run(None, feed)
-            for _ in range(per_block):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
+    return ort_median_latencies(sessions, feeds, runs)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import collections
 import os
 import platform
+import statistics
 import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ __all__ = [
     "INTEGER_OPS",
     "VNNI_FLAGS",
     "cpu_flags",
+    "median_latencies",
     "op_counts",
     "optimized_model",
     "saturation_safe_defination",
@@ -44,6 +48,33 @@ def optimized_model(
         options.log_severity_level = 3
         ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         return onnx.load(options.optimized_model_filepath)
+
+
+def median_latencies(
+    sessions: Sequence[ort.InferenceSession],
+    feeds: Sequence[Mapping[str, Any]],
+    runs: int,
+    warmup: int = 3,
+    rounds: int = 5,
+) -> list[float]:
+    """Median wall time (s) of each session on its feed, over at least ``runs`` timed calls each.
+
+    The sessions take turns in ``rounds`` blocks, so that a change in the machine's
+    load affects them alike; each block starts with ``warmup`` untimed calls.
+    Turns call by call would time each model against the previous one's intra-op
+    threads, which spin for a while after a run and, on few cores, slow the next.
+    """
+    times: list[list[float]] = [[] for _ in sessions]
+    per_block = -(-runs // rounds)
+    for _ in range(rounds):
+        for session, feed, record in zip(sessions, feeds, times, strict=True):
+            for _ in range(warmup):
+                session.run(None, feed)
+            for _ in range(per_block):
+                start = time.perf_counter()
+                session.run(None, feed)
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def op_counts(model: onnx.ModelProto) -> collections.Counter[str]:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import ConvStack
+from export_helpers import ConvStack, Mlp, session
 
 import amct_opt as amct
-from amct_opt.export.ort_check import saturation_safe_defination, u8s8_kernels_may_saturate
+from amct_opt.export import export_float_model
+from amct_opt.export.ort_check import median_latencies, saturation_safe_defination, u8s8_kernels_may_saturate
 
 AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
 VNNI = "processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n"
@@ -47,3 +48,25 @@ def test_the_defination_gives_convolutions_seven_bit_weights_and_linear_eight(x8
     )
     bits = {name: layer.weight.num_bits for name, layer in config.layers.items()}
     assert bits == {"features.0.0": 7, "features.1.0": 7, "features.2.0": 7, "features.3.0": 7, "classifier": 8}
+
+
+class _Logged:
+    """A real ORT session that logs which session each call went to."""
+
+    def __init__(self, inner: object, name: str, log: list[str]) -> None:
+        self.inner, self.name, self.log = inner, name, log
+
+    def run(self, *args: object) -> object:
+        self.log.append(self.name)
+        return self.inner.run(*args)  # type: ignore[attr-defined]
+
+
+def test_median_latencies_time_each_session_in_blocks_that_take_turns(tmp_path: Path) -> None:
+    x = torch.randn(4, 20)
+    export_float_model(Mlp().eval(), tmp_path / "m.onnx", (x,), ["input"], ["logits"])
+    log: list[str] = []
+    sessions = [_Logged(session(tmp_path / "m.onnx"), name, log) for name in "ab"]
+    medians = median_latencies(sessions, [{"input": x.numpy()}] * 2, runs=10, warmup=2, rounds=5)  # type: ignore[arg-type]
+    assert len(medians) == 2 and all(m > 0 for m in medians)
+    # 5 rounds of (2 warm-up + 2 timed) calls per session, a session's calls together in each round.
+    assert log == (["a"] * 4 + ["b"] * 4) * 5
