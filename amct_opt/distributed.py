@@ -55,7 +55,7 @@ from optuna.storages._rdb.models import StudyUserAttributeModel, TrialHeartbeatM
 from optuna.trial import FrozenTrial, TrialState
 
 from .storage import heartbeat_settings
-from .trials import SearchStudy
+from .trials import SearchStudy, TrialRecord
 from .types import Plan
 
 __all__ = [
@@ -403,12 +403,21 @@ class Coordinator:
                 reminded = now
             time.sleep(POLL_S)
 
-    def claim(self, study: SearchStudy, trial: optuna.Trial, plan: Plan, budget: int | None) -> str | None:
+    def claim(
+        self,
+        study: SearchStudy,
+        trial: optuna.Trial,
+        plan: Plan,
+        budget: int | None,
+        finished: Callable[[list[TrialRecord]], str | None] | None = None,
+    ) -> str | None:
         """Mark ``trial`` as evaluating ``plan`` and return None, or say why it must not evaluate.
 
         Under :data:`BUDGET_LEASE`: the plan must be neither stored nor claimed
         by a running trial, and the evaluations stored plus those running must
         stay below ``budget``.  So ``n_trials`` is exact across workers.
+        ``finished(records)``, given every stored evaluation, says why the search
+        is already over (another worker's results proved it), or None.
         """
         wanted = study.key(plan)
         _first_heartbeat(self.study, trial._trial_id)
@@ -421,15 +430,23 @@ class Coordinator:
                 return "the same config was evaluated meanwhile"
             if budget is not None and len(records) + len(running) >= budget:
                 return "budget"
+            if finished is not None and (reason := finished(records)) is not None:
+                return reason
             trial.set_user_attr(WORKER_ATTR, self.name)
         return None
 
     def wait_for_others(self, study: SearchStudy, budget: int | None) -> bool:
-        """Wait while other workers evaluate; True when a failed one freed budget for more."""
+        """Wait while other workers evaluate; True when a failed one freed budget for more.
+
+        Each look is taken under :data:`BUDGET_LEASE`, so a claim is either seen
+        here as running or made after this worker's last result was stored
+        (and then judged with it).
+        """
         logged = False
         while True:
-            running = in_flight(study)
-            done = study.evaluated_count()
+            with self.locked():
+                running = in_flight(study)
+                done = study.evaluated_count()
             if budget is not None and done + len(running) < budget:
                 return True
             if not running:

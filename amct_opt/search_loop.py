@@ -84,6 +84,10 @@ class SearchLoop:
         self.coordinator = coordinator or Coordinator(study.study)
         self.budget: int | None = None
         self.budget_spent = False
+        #: Set when a claim found the search over by every stored evaluation (other workers' too).
+        self.finished_elsewhere = False
+        self._strategy: SearchStrategy | None = None
+        self._known: set[tuple[bool, ...]] = set()  # configs the strategy was told or shown
 
     # -- one trial ------------------------------------------------------------
     def values(self, plan: Plan, result: EvalResult) -> list[float]:
@@ -110,7 +114,7 @@ class SearchLoop:
                 answer.record = stored
                 self.progress.reused(trial.number, stored.number)
                 return self._returned(self.values(plan, stored.result))
-            refused = self.coordinator.claim(self.study, trial, plan, self.budget)
+            refused = self.coordinator.claim(self.study, trial, plan, self.budget, self._finished)
             if refused is not None:
                 self.budget_spent = refused == "budget"
                 raise optuna.TrialPruned(f"budget of {self.budget} reached" if self.budget_spent else refused)
@@ -139,6 +143,22 @@ class SearchLoop:
             return self._returned(self.values(plan, result))
 
         return objective
+
+    def _finished(self, records: list[TrialRecord]) -> str | None:
+        """Show the strategy the stored evaluations it does not know yet; why the search is over, or None."""
+        if self._strategy is None:
+            return None
+        for record in records:
+            key = self.study.key(record.plan)
+            if key not in self._known:
+                self._known.add(key)
+                metric = record.result.metric
+                ok, loss = self.judge(metric)
+                self._strategy.observe(record.plan, EvalResult(metric, ok, loss, record.result.duration_s))
+        if not self._strategy.finished():
+            return None
+        self.finished_elsewhere = True
+        return "the stored evaluations (other workers' too) already settle the search"
 
     def _returned(self, values: list[float]) -> Any:
         return values if self.multi_objective else values[0]
@@ -185,7 +205,7 @@ class SearchLoop:
         evaluate a new neighbour of it instead, so that the wait is not spent on repeats."""
         before = self.evaluations
         answer = self.run_trial(source)
-        if self.evaluations > before or self.budget_spent or answer.record is None:
+        if self.evaluations > before or self.budget_spent or self.finished_elsewhere or answer.record is None:
             return answer
         neighbour = self.mutated(answer.record.plan)
         if neighbour is None:
@@ -212,7 +232,7 @@ class SearchLoop:
                 fail_stale_trials(self.study.study)  # a crashed worker's trial is re-queued meanwhile too
                 before = self.evaluations
                 self.sample("sampler")
-                if self.budget_spent:
+                if self.budget_spent or self.finished_elsewhere:
                     return None
                 misses = 0 if self.evaluations > before else misses + 1
                 if misses:
@@ -233,7 +253,7 @@ class SearchLoop:
             if state is None:
                 self.study.enqueue(proposal.plan, proposal.source)
             self.run_trial(proposal.source, queued_only=True)
-            if self.budget_spent:
+            if self.budget_spent or self.finished_elsewhere:
                 return None
 
     def _budget_left(self, strategy: SearchStrategy, started: float) -> str | None:
@@ -252,6 +272,8 @@ class SearchLoop:
         started = time.monotonic()
         self.budget = strategy.n_trials
         meanwhile = strategy.study_sampler() is not None
+        self._strategy, self.finished_elsewhere = strategy, False
+        self._known = {self.study.key(r.plan) for r in self.study.records()}
         repeats = 0
         reason = "strategy finished"
         held: Proposal | None = None  # a fixed plan the budget refused until a running one fails
@@ -261,6 +283,8 @@ class SearchLoop:
                 self.budget_spent = False
                 self.coordinator.wait_for_others(self.study, self.budget)
             stop = self._budget_left(strategy, started)
+            if self.finished_elsewhere:
+                stop = "the stored evaluations (other workers' too) settled the search"
             if stop:
                 reason = stop
                 break
@@ -272,11 +296,13 @@ class SearchLoop:
                 if record is None:
                     held = proposal
                 else:
+                    self._known.add(self.study.key(record.plan))
                     strategy.tell(record.plan, record.result)
                 continue
             before = self.evaluations
             answer = self.run_trial(proposal.source)
             if answer.record is not None:
+                self._known.add(self.study.key(answer.record.plan))
                 strategy.tell(answer.record.plan, answer.record.result)
             repeats = 0 if self.evaluations > before or self.budget_spent else repeats + 1
             if repeats >= MAX_CONSECUTIVE_REPEATS:

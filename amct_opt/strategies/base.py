@@ -95,6 +95,23 @@ class SearchStrategy(ABC):
         """The strategy's chosen plan; None means "the best feasible stored trial"."""
         return None
 
+    def observe(self, plan: Plan, result: EvalResult) -> None:
+        """An evaluation stored by another worker of the study (not an answer to :meth:`ask`).
+
+        A strategy whose state is a function of every stored evaluation records
+        it; one that walks a fixed sequence of its own (BinarySearch) ignores it.
+        """
+        return None
+
+    def finished(self) -> bool:
+        """True when no further evaluation can change the result, given everything told and observed.
+
+        The loop asks this (after :meth:`observe` of every stored evaluation)
+        before it starts an evaluation, under the study's budget lock, so that a
+        worker never evaluates after another worker has proven the search over.
+        """
+        return False
+
     def study_sampler(self) -> Any:
         """The Optuna sampler for the study (None: a constraint-aware default)."""
         return None

@@ -254,6 +254,12 @@ class OptunaSearch(SearchStrategy):
         self._last = (result.ok, result.loss)
         self._record(plan, result)
 
+    def observe(self, plan: Plan, result: EvalResult) -> None:
+        self._record(plan, result)
+
+    def finished(self) -> bool:
+        return not self.multi_objective and self.optimum_proven()
+
     def _record(self, plan: Plan, result: EvalResult) -> None:
         key = self._key(plan)
         self._tried.add(key)

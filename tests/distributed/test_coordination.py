@@ -16,7 +16,7 @@ from amct_opt.distributed import SETUP_LEASE, WORKER_ATTR, Coordinator, fail_sta
 from amct_opt.errors import StorageError
 from amct_opt.storage import heartbeat_settings, mask_url, open_storage
 from amct_opt.trials import SearchStudy
-from amct_opt.types import LayerCost
+from amct_opt.types import EvalResult, LayerCost
 
 
 @pytest.fixture
@@ -108,6 +108,28 @@ def test_claim_refuses_a_running_duplicate_and_the_spent_budget(study: optuna.St
     assert WORKER_ATTR not in twin.user_attrs
     assert coordinator.claim(store, other, {"a": True, "b": True}, budget=1) == "budget"
     assert coordinator.claim(store, other, {"a": True, "b": True}, budget=2) is None
+    coordinator.close()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_claim_refuses_when_the_stored_evaluations_settle_the_search(study: optuna.Study) -> None:
+    store = SearchStudy(study, ["a", "b"], {"a": LayerCost(1, 1), "b": LayerCost(1, 1)})
+    coordinator = Coordinator(study)
+    seen: list[list[tuple[bool, ...]]] = []
+
+    def finished(records: list) -> str | None:
+        seen.append([store.key(r.plan) for r in records])
+        return "settled" if records else None
+
+    first = _running(study, {"a": "int8", "b": "float"})
+    assert coordinator.claim(store, first, {"a": True, "b": False}, budget=None, finished=finished) is None
+    for key, value in store.attrs_for({"a": True, "b": False}, EvalResult(1.0, True, 0.0)).items():
+        first.set_user_attr(key, value)
+    study.tell(first, 0.5)
+    second = _running(study, {"a": "int8", "b": "int8"})
+    assert coordinator.claim(store, second, {"a": True, "b": True}, budget=None, finished=finished) == "settled"
+    assert seen == [[], [(True, False)]]  # it is shown every stored evaluation, under the lock
+    assert WORKER_ATTR not in second.user_attrs
     coordinator.close()
 
 

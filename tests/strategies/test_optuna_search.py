@@ -102,6 +102,21 @@ def test_stops_when_the_optimum_is_proven() -> None:
     assert run.stop_reason == "strategy finished"
 
 
+def test_evaluations_observed_from_other_workers_settle_the_search() -> None:
+    losses = {"big": 0.01, "mid": 0.02, "small": 5.0}
+    landscape = Landscape(losses, {"big": 1000, "mid": 500, "small": 10}, target=1.0)
+    strategy = OptunaSearch(n_trials=50, seed=0)
+    strategy.start(landscape.context(landscape.evaluate(dict.fromkeys(landscape.layers, True))))
+    assert not strategy.finished()
+    # Other workers stored a feasible config, then the optimum (all but the smallest layer).
+    smaller = {"big": True, "mid": False, "small": True}
+    strategy.observe(smaller, landscape.evaluate(smaller))
+    assert not strategy.finished()  # {big, mid} quantizes more and is untried
+    optimum = {"big": True, "mid": True, "small": False}
+    strategy.observe(optimum, landscape.evaluate(optimum))
+    assert strategy.finished()
+
+
 def test_objective_layers_counts_layers() -> None:
     landscape = make_landscape(6, seed=5)
     strategy = OptunaSearch(n_trials=10, objective="layers")
