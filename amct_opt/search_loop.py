@@ -102,10 +102,13 @@ class SearchLoop:
             plan = {
                 name: trial.suggest_categorical(name, CHOICES) == INT8 for name in self.study.layers
             }
-            trial.set_user_attr("fingerprint", self.fingerprint)
+            if trial.user_attrs.get("fingerprint") != self.fingerprint:
+                trial.set_user_attr("fingerprint", self.fingerprint)
             if "source" not in trial.user_attrs:
                 trial.set_user_attr("source", source)
-            stored = self.study.lookup(plan, self.judge)
+            # A queued plan was looked up just before it was queued; should another worker store it
+            # meanwhile, the claim refuses it and answer() finds it stored.
+            stored = None if queued_only else self.study.lookup(plan, self.judge)
             if stored is not None:
                 for key, value in self.study.attrs_for(plan, stored.result).items():
                     trial.set_user_attr(key, value)
@@ -136,9 +139,10 @@ class SearchLoop:
             record = TrialRecord(trial.number, plan, result, self.study.share(plan), source)
             answer.record = record
             self.evaluations += 1
-            if self.progress.enabled:  # counting the study's evaluations reads every trial
+            self.study.note_evaluation()
+            if self.progress.enabled:
                 self.progress.evaluated(
-                    trial.number, sum(plan.values()), record.share, result, self.study.evaluated_count() + 1
+                    trial.number, sum(plan.values()), record.share, result, self.study.evaluated_count(fresh=False)
                 )
             return self._returned(self.values(plan, result))
 
@@ -251,13 +255,15 @@ class SearchLoop:
                 fail_stale_trials(self.study.study)
                 continue
             if state is None:
-                self.study.enqueue(proposal.plan, proposal.source)
+                self.study.enqueue(proposal.plan, proposal.source, checked=True)
             self.run_trial(proposal.source, queued_only=True)
             if self.budget_spent or self.finished_elsewhere:
                 return None
 
     def _budget_left(self, strategy: SearchStrategy, started: float) -> str | None:
-        if strategy.n_trials is not None and self.study.evaluated_count() >= strategy.n_trials:
+        # The count as of the last read (at the latest, this trial's claim), plus this process's
+        # evaluations since: a lower bound; the claim enforces the budget exactly.
+        if strategy.n_trials is not None and self.study.evaluated_count(fresh=False) >= strategy.n_trials:
             return f"budget of {strategy.n_trials} evaluations reached"
         if strategy.timeout is not None and time.monotonic() - started >= strategy.timeout:
             return f"timeout of {strategy.timeout:g} s reached"
@@ -273,7 +279,7 @@ class SearchLoop:
         self.budget = strategy.n_trials
         meanwhile = strategy.study_sampler() is not None
         self._strategy, self.finished_elsewhere = strategy, False
-        self._known = {self.study.key(r.plan) for r in self.study.records()}
+        self._known = set()  # the strategy ignores what it was started with (its history)
         repeats = 0
         reason = "strategy finished"
         held: Proposal | None = None  # a fixed plan the budget refused until a running one fails

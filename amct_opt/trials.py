@@ -66,6 +66,8 @@ class SearchStudy:
         self.costs = dict(costs)
         self.objective = objective
         self.distributions = {name: CategoricalDistribution(CHOICES) for name in self.layers}
+        #: How many evaluations the last :meth:`records` read found (plus this process's since).
+        self._count: int | None = None
 
     # -- plans and params --------------------------------------------------
     def params(self, plan: Plan) -> dict[str, str]:
@@ -113,6 +115,7 @@ class SearchStudy:
             ok, loss = judge(attrs["metric"]) if judge else (bool(attrs["ok"]), float(attrs["loss"]))
             result = EvalResult(attrs["metric"], ok, loss, float(attrs.get("eval_seconds", 0.0)))
             out.append(TrialRecord(trial.number, plan, result, self.share(plan), attrs.get("source", "")))
+        self._count = len(out)
         return out
 
     def lookup(self, plan: Plan, judge: Judge | None = None) -> TrialRecord | None:
@@ -122,8 +125,16 @@ class SearchStudy:
                 return record
         return None
 
-    def evaluated_count(self) -> int:
-        return len(self.records())
+    def evaluated_count(self, fresh: bool = True) -> int:
+        """The evaluations stored; with ``fresh=False``, as of the last read (a lower bound, no database trip)."""
+        if fresh or self._count is None:
+            return len(self.records())
+        return self._count
+
+    def note_evaluation(self) -> None:
+        """This process stored an evaluation: count it without reading the study again."""
+        if self._count is not None:
+            self._count += 1
 
     def best_feasible(self, judge: Judge | None = None) -> TrialRecord | None:
         """The feasible record with the largest share; ties go to the lower loss, then the older."""
@@ -176,10 +187,15 @@ class SearchStudy:
         )
         return {key for trial in trials if (key := self._decided_key(trial)) is not None}
 
-    def enqueue(self, plan: Plan, source: str) -> None:
-        """Queue ``plan`` for the next trial, unless it is already waiting or running."""
-        if self.pending(plan) is None:
-            self.study.enqueue_trial(self.params(plan), user_attrs={"source": source})
+    def enqueue(self, plan: Plan, source: str, checked: bool = False) -> None:
+        """Queue ``plan`` for the next trial, unless it is already waiting or running.
+
+        ``checked``: the caller has just seen that it is not (:meth:`pending`).
+        The queued trial carries its source and fingerprint from its creation.
+        """
+        if checked or self.pending(plan) is None:
+            attrs = {"source": source} | ({"fingerprint": self.fingerprint} if self.fingerprint else {})
+            self.study.enqueue_trial(self.params(plan), user_attrs=attrs)
 
     def set_text(self, key: str, text: str, chunk: int = 30_000) -> None:
         """Store a long text in chunks small enough for every RDB backend's attribute column."""

@@ -1,4 +1,4 @@
-"""SearchLoop.mutated: a repeated sampler proposal becomes a new neighbouring config, never a known one."""
+"""SearchLoop: mutations of repeated proposals, the budget's count, and stopping on other workers' results."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).parent / "strategies"))
-from search_fakes import make_landscape  # noqa: E402
+from search_fakes import Landscape, make_landscape, run_strategy  # noqa: E402
 
 from amct_opt.progress import SearchProgress  # noqa: E402
 from amct_opt.search_loop import MAX_MUTATION_FLIPS, SearchLoop  # noqa: E402
+from amct_opt.strategies import OptunaSearch  # noqa: E402
 from amct_opt.strategies.base import Proposal  # noqa: E402
 from amct_opt.trials import SearchStudy  # noqa: E402
 
@@ -45,3 +47,39 @@ def test_no_mutation_when_every_neighbour_is_known() -> None:
         if any(values):
             loop.answer(Proposal(dict(zip(study.layers, values)), "test"))
     assert loop.mutated(dict.fromkeys(study.layers, True)) is None
+
+
+def test_the_budget_is_exact_and_leaves_no_refused_trial_in_one_process() -> None:
+    # The loop counts its own evaluations instead of re-reading the study after each one.
+    run = run_strategy(make_landscape(8, seed=5), OptunaSearch(n_trials=9, seed=0, show_progress=False))
+    assert run.study.evaluated_count() == 9
+    assert run.study.evaluated_count(fresh=False) == 9
+    assert not [t for t in run.study.study.trials if t.state != TrialState.COMPLETE]
+
+
+def test_a_queued_trial_carries_its_source_and_fingerprint() -> None:
+    loop, study = _loop(3)
+    study.enqueue(dict.fromkeys(study.layers, True), "queued")
+    (waiting,) = study.study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.user_attrs == {"source": "queued", "fingerprint": "fake"}
+
+
+def test_a_worker_stops_once_the_stored_evaluations_settle_the_search() -> None:
+    """A worker that has not seen another worker's result must not evaluate once that result proves the optimum."""
+    landscape = Landscape({"big": 0.01, "mid": 0.02, "small": 5.0}, {"big": 1000, "mid": 500, "small": 10}, target=1.0)
+    study = optuna.create_study(direction="maximize")
+
+    def worker() -> SearchLoop:
+        searched = SearchStudy(study, landscape.layers, landscape.costs, "macs", fingerprint="fake")
+        return SearchLoop(searched, landscape.evaluate, landscape.judge, SearchProgress(False), fingerprint="fake")
+
+    other, late = worker(), worker()
+    all_quant = other.answer(Proposal(dict.fromkeys(landscape.layers, True), "all_quant"))
+    assert all_quant is not None
+    strategy = OptunaSearch(n_trials=50, seed=0, show_progress=False)
+    strategy.start(landscape.context(all_quant.result, []))  # it read the study before the optimum was stored
+    other.answer(Proposal({"big": True, "mid": True, "small": False}, "other"))  # the only better config
+    outcome = late.run(strategy)
+    assert late.evaluations == 0
+    assert "settled" in outcome.stop_reason
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2

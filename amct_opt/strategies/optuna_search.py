@@ -255,7 +255,8 @@ class OptunaSearch(SearchStrategy):
         self._record(plan, result)
 
     def observe(self, plan: Plan, result: EvalResult) -> None:
-        self._record(plan, result)
+        if self._key(plan) not in self._tried:  # the start's history may hold it already
+            self._record(plan, result)
 
     def finished(self) -> bool:
         return not self.multi_objective and self.optimum_proven()
