@@ -35,6 +35,8 @@ MAX_CONSECUTIVE_REPEATS = 25
 POLL_S = 0.5
 #: Layers flipped at most when a repeated sampler proposal is mutated into a new config.
 MAX_MUTATION_FLIPS = 3
+#: Why a claim is refused, and the search stops, once every stored evaluation proves it over.
+SETTLED = "the stored evaluations (other workers' too) settled the search"
 
 
 class EvaluationFailed(Exception):
@@ -162,7 +164,11 @@ class SearchLoop:
         if not self._strategy.finished():
             return None
         self.finished_elsewhere = True
-        return "the stored evaluations (other workers' too) already settle the search"
+        return SETTLED
+
+    def _tell(self, strategy: SearchStrategy, record: TrialRecord) -> None:
+        self._known.add(self.study.key(record.plan))
+        strategy.tell(record.plan, record.result)
 
     def _returned(self, values: list[float]) -> Any:
         return values if self.multi_objective else values[0]
@@ -290,7 +296,7 @@ class SearchLoop:
                 self.coordinator.wait_for_others(self.study, self.budget)
             stop = self._budget_left(strategy, started)
             if self.finished_elsewhere:
-                stop = "the stored evaluations (other workers' too) settled the search"
+                stop = SETTLED
             if stop:
                 reason = stop
                 break
@@ -302,14 +308,12 @@ class SearchLoop:
                 if record is None:
                     held = proposal
                 else:
-                    self._known.add(self.study.key(record.plan))
-                    strategy.tell(record.plan, record.result)
+                    self._tell(strategy, record)
                 continue
             before = self.evaluations
             answer = self.run_trial(proposal.source)
             if answer.record is not None:
-                self._known.add(self.study.key(answer.record.plan))
-                strategy.tell(answer.record.plan, answer.record.result)
+                self._tell(strategy, answer.record)
             repeats = 0 if self.evaluations > before or self.budget_spent else repeats + 1
             if repeats >= MAX_CONSECUTIVE_REPEATS:
                 reason = f"the sampler proposed {repeats} stored configs in a row"
