@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -161,13 +161,26 @@ def _fail_trials_without_heartbeat(study: optuna.Study) -> None:
             callback(study, copy.deepcopy(frozen))
 
 
-def in_flight(study: SearchStudy, exclude: int | None = None) -> list[FrozenTrial]:
-    """RUNNING trials that claimed an evaluation (a crashed worker's until its heartbeat is stale)."""
+def in_flight(
+    study: SearchStudy, exclude: int | None = None, trials: Sequence[FrozenTrial] | None = None
+) -> list[FrozenTrial]:
+    """RUNNING trials that claimed an evaluation (a crashed worker's until its heartbeat is stale).
+
+    ``trials``: the study's trials as just read (any states), to save another read.
+    """
+    if trials is None:
+        trials = study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     return [
         t
-        for t in study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if WORKER_ATTR in t.user_attrs and t.number != exclude
+        for t in trials
+        if t.state is TrialState.RUNNING and WORKER_ATTR in t.user_attrs and t.number != exclude
     ]
+
+
+def _stored_and_running(study: SearchStudy, exclude: int | None = None) -> tuple[list[TrialRecord], list[FrozenTrial]]:
+    """The stored evaluations and the claimed running trials, from one read of the study."""
+    trials = study.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    return study.records(trials=trials), in_flight(study, exclude, trials)
 
 
 def _first_heartbeat(study: optuna.Study, trial_id: int) -> None:
@@ -422,10 +435,9 @@ class Coordinator:
         wanted = study.key(plan)
         _first_heartbeat(self.study, trial._trial_id)
         with self.locked():
-            running = in_flight(study, exclude=trial.number)
+            records, running = _stored_and_running(study, exclude=trial.number)
             if any((other := study.plan_of(t)) is not None and study.key(other) == wanted for t in running):
                 return "the same config is being evaluated by another worker"
-            records = study.records()
             if any(study.key(r.plan) == wanted for r in records):
                 return "the same config was evaluated meanwhile"
             if budget is not None and len(records) + len(running) >= budget:
@@ -445,9 +457,8 @@ class Coordinator:
         logged = False
         while True:
             with self.locked():
-                running = in_flight(study)
-                done = study.evaluated_count()
-            if budget is not None and done + len(running) < budget:
+                records, running = _stored_and_running(study)
+            if budget is not None and len(records) + len(running) < budget:
                 return True
             if not running:
                 return False

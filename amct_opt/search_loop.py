@@ -211,8 +211,12 @@ class SearchLoop:
         return None
 
     def sample(self, source: str) -> _TrialAnswer:
-        """A sampler trial while waiting for another worker; when it repeats a stored config,
-        evaluate a new neighbour of it instead, so that the wait is not spent on repeats."""
+        """A sampler trial; when it repeats a stored config, evaluate a new neighbour of it instead.
+
+        A converged sampler repeats itself turn after turn (more so with several
+        workers filling the study), and each repeat is a trial that evaluates
+        nothing: the turn goes to a new config near the sampler's choice instead.
+        """
         before = self.evaluations
         answer = self.run_trial(source)
         if self.evaluations > before or self.budget_spent or self.finished_elsewhere or answer.record is None:
@@ -262,9 +266,12 @@ class SearchLoop:
                 continue
             if state is None:
                 self.study.enqueue(proposal.plan, proposal.source, checked=True)
-            self.run_trial(proposal.source, queued_only=True)
+            answer = self.run_trial(proposal.source, queued_only=True)
             if self.budget_spent or self.finished_elsewhere:
                 return None
+            wanted = {name: bool(proposal.plan[name]) for name in self.study.layers}
+            if answer.record is not None and answer.record.plan == wanted:
+                return answer.record  # evaluated just now: no need to read it back
 
     def _budget_left(self, strategy: SearchStrategy, started: float) -> str | None:
         # The count as of the last read (at the latest, this trial's claim), plus this process's
@@ -311,7 +318,7 @@ class SearchLoop:
                     self._tell(strategy, record)
                 continue
             before = self.evaluations
-            answer = self.run_trial(proposal.source)
+            answer = self.sample(proposal.source)
             if answer.record is not None:
                 self._tell(strategy, answer.record)
             repeats = 0 if self.evaluations > before or self.budget_spent else repeats + 1

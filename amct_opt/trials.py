@@ -98,14 +98,19 @@ class SearchStudy:
         return quantized_share(plan, self.costs, self.objective)
 
     # -- reading back ------------------------------------------------------
-    def records(self, judge: Judge | None = None) -> list[TrialRecord]:
+    def records(self, judge: Judge | None = None, trials: Sequence[FrozenTrial] | None = None) -> list[TrialRecord]:
         """Completed, really evaluated trials (cached copies excluded), oldest first.
 
         With ``judge``, feasibility is recomputed from the stored metric, so a
-        changed target reuses every stored evaluation.
+        changed target reuses every stored evaluation.  ``trials``: the study's
+        trials as just read (any states), to save another read of the study.
         """
+        if trials is None:
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         out: list[TrialRecord] = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for trial in trials:
+            if trial.state is not TrialState.COMPLETE:
+                continue
             attrs = trial.user_attrs
             plan = self.plan_of(trial)
             if plan is None or "metric" not in attrs or "cached_from" in attrs:
