@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).parent / "strategies"))
@@ -15,8 +17,9 @@ from search_fakes import Landscape, make_landscape, run_strategy  # noqa: E402
 from amct_opt.progress import SearchProgress  # noqa: E402
 from amct_opt.search_loop import MAX_MUTATION_FLIPS, SearchLoop  # noqa: E402
 from amct_opt.strategies import OptunaSearch  # noqa: E402
-from amct_opt.strategies.base import Proposal  # noqa: E402
+from amct_opt.strategies.base import Proposal, SearchStrategy  # noqa: E402
 from amct_opt.trials import SearchStudy  # noqa: E402
+from amct_opt.types import EvalResult, Plan  # noqa: E402
 
 
 def _loop(n_layers: int) -> tuple[SearchLoop, SearchStudy]:
@@ -83,3 +86,40 @@ def test_a_worker_stops_once_the_stored_evaluations_settle_the_search() -> None:
     assert late.evaluations == 0
     assert "settled" in outcome.stop_reason
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 2
+
+
+class _OnlySampler(SearchStrategy):
+    """Every turn is the sampler's, ``turns`` times."""
+
+    def __init__(self, turns: int) -> None:
+        self.turns = turns
+        self.told: list[dict[str, bool]] = []
+
+    def start(self, context: Any) -> None:
+        return None
+
+    def ask(self) -> Proposal | None:
+        self.turns -= 1
+        return Proposal(None, "sampler") if self.turns >= 0 else None
+
+    def tell(self, plan: Plan, result: EvalResult) -> None:
+        self.told.append(dict(plan))
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_sampler_turn_that_repeats_a_stored_config_evaluates_a_neighbour_instead() -> None:
+    landscape = make_landscape(5)
+    all_int8 = dict.fromkeys(landscape.layers, "int8")
+    sampler = optuna.samplers.PartialFixedSampler(all_int8, optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(direction="maximize", sampler=sampler)  # proposes all-INT8 every time
+    searched = SearchStudy(study, landscape.layers, landscape.costs, "macs", fingerprint="fake")
+    loop = SearchLoop(searched, landscape.evaluate, landscape.judge, SearchProgress(False), fingerprint="fake")
+    strategy = _OnlySampler(turns=4)
+    loop.run(strategy)
+    keys = [searched.key(r.plan) for r in searched.records()]
+    assert loop.evaluations == 4 and len(set(keys)) == 4  # the first turn, then three neighbours
+    assert keys[0] == (True,) * 5
+    assert all(1 <= sum(not on for on in key) <= MAX_MUTATION_FLIPS for key in keys[1:])
+    assert [searched.key(p) for p in strategy.told] == keys  # the strategy is told what was evaluated
+    sources = [r.source for r in searched.records()]
+    assert sources == ["sampler"] + ["sampler_mutation"] * 3
