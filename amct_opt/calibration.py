@@ -1,8 +1,11 @@
 """Calibration: observers on every enabled layer's input, driven by the user's own loop.
 
-The same pass also records each layer's output range, which the deploy export
-needs where it requantizes a convolution's output: one pass of the user's
-``calibration()`` gives both.
+The same pass also calibrates each layer's output range, which the deploy export
+needs where it requantizes a convolution's output (before an Add, a pooling or
+the graph output): one pass of the user's ``calibration()`` gives both.  A
+convolution's output range comes from an observer of the layer's own activation
+algorithm (IFMR or HFMG, as its input's), so that requantizer clips outliers as
+every other activation quantizer does; for the other layers it is the min/max seen.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import CalibrationError
 from .layers import weight_channel_axis
+from .fake_quant import QMAX, QMIN
 from .observers import arq_quantize, make_activation_observer
 from .types import LayerQuantFactors, OutputRange, OutputRanges, Record
 
@@ -25,6 +29,8 @@ __all__ = [
     "Calibrator",
     "calibrate",
     "calibrate_layers",
+    "quantizer_range",
+    "requantizes_output",
     "weight_is_channel_wise",
     "widen_output_range",
 ]
@@ -37,6 +43,16 @@ def weight_is_channel_wise(module: nn.Module, channel_wise: bool) -> bool:
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups > 1:
         return False
     return channel_wise
+
+
+def requantizes_output(module: nn.Module) -> bool:
+    """True for a layer whose quantized output the deploy model may requantize: a (non-transposed) Conv."""
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def quantizer_range(scale: float, offset: int) -> OutputRange:
+    """The real values an int8 quantizer ``(scale, offset)`` represents: [(-128 - offset) * scale, ...]."""
+    return OutputRange((QMIN - offset) * scale, (QMAX - offset) * scale)
 
 
 def widen_output_range(ranges: OutputRanges, name: str, out: Any) -> None:
@@ -66,6 +82,12 @@ class Calibrator:
         self.observers = {
             name: make_activation_observer(config.layers[name].activation) for name in self.layers
         }
+        self.output_observers = {
+            name: make_activation_observer(config.layers[name].activation)
+            for name, module in self.layers.items()
+            if requantizes_output(module)
+        }
+        #: Min/max of every layer's output so far; :meth:`finalize` puts the observers' ranges in.
         self.output_ranges: OutputRanges = {}
         self.batches = 0
         self._handles: list[Any] = []
@@ -82,6 +104,8 @@ class Calibrator:
 
             def observe_output(_mod: nn.Module, _args: Any, out: Any, name: str = name) -> None:
                 widen_output_range(self.output_ranges, name, out)
+                if name in self.output_observers and isinstance(out, torch.Tensor):
+                    self.output_observers[name].update(out.detach())
 
             self._handles.append(module.register_forward_pre_hook(observe))
             self._handles.append(module.register_forward_hook(observe_output))
@@ -92,7 +116,10 @@ class Calibrator:
         self._handles.clear()
 
     def finalize(self) -> Record:
-        """The factors of every layer; raises when too little data was seen."""
+        """The factors of every layer; raises when too little data was seen.
+
+        Also sets the convolutions' :attr:`output_ranges` from their output observers.
+        """
         if self.batches < self.config.batch_num:
             raise CalibrationError(
                 f"model_evaluator.calibration: ran {self.batches} batch(es), but the config's "
@@ -113,6 +140,8 @@ class Calibrator:
                 self.config.layers[name].weight.num_bits,
             )
             record[name] = LayerQuantFactors(scale_d, offset_d, scale_w, offset_w)
+        for name, observer in self.output_observers.items():
+            self.output_ranges[name] = quantizer_range(*observer.compute())
         return record
 
 

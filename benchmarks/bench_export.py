@@ -43,7 +43,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from amct_opt._io import atomic_write_text
-from amct_opt.calibration import calibrate
+from amct_opt.calibration import calibrate_layers
 from amct_opt.config import QuantConfig
 from amct_opt.create_config import create_quant_config
 from amct_opt.export import export_float_model, export_models
@@ -196,9 +196,9 @@ def library_qmodel(
     )
     config = QuantConfig.load(config_path)
     folded = fold_conv_bn(model, find_conv_bn_pairs(model))
-    record = calibrate(folded, config, lambda m: [m(*batch) for batch in batches])
+    calibration = calibrate_layers(folded, config, lambda m: [m(*batch) for batch in batches])
     with torch.no_grad():
-        return build_quantized_model(folded, record).eval()
+        return build_quantized_model(folded, calibration.record, calibration.output_ranges).eval()
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from amct_opt.calibration import Calibrator, calibrate, calibrate_layers
+from amct_opt.calibration import Calibrator, calibrate, calibrate_layers, quantizer_range
 from amct_opt.config import QuantConfig
 from amct_opt.errors import CalibrationError
+from amct_opt.observers import asymmetric_params, make_activation_observer
 
 NAMES = ["conv", "up", "gup", "fc"]
 
@@ -155,7 +156,8 @@ def test_a_layer_called_twice_is_observed_at_both_calls() -> None:
     assert calibrator.observers["fc"].data_max >= float((10.0 * first).max())
 
 
-def test_the_same_pass_records_each_layers_output_range_including_zero() -> None:
+def test_the_same_pass_calibrates_each_layers_output_range_including_zero() -> None:
+    """A Conv's output range is its activation algorithm's on the output; other layers' is the min/max."""
     model = Net().eval()
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in NAMES}
     for name in NAMES:
@@ -163,13 +165,24 @@ def test_the_same_pass_records_each_layers_output_range_including_zero() -> None
             lambda _m, _a, out, name=name: seen[name].append(out.detach())
         )
     run, calls = counting(batches())
-    calibration = calibrate_layers(model, config(disabled=("gup",)), run)
+    cfg = config(disabled=("gup",))
+    calibration = calibrate_layers(model, cfg, run)
     assert calls == [1]
     assert set(calibration.output_ranges) == set(calibration.record) == {"conv", "up", "fc"}
-    for name, out_range in calibration.output_ranges.items():
+    for name in ("up", "fc"):  # not requantized by the deploy model: the range seen
         outputs = torch.cat([t.flatten() for t in seen[name]])
-        assert out_range.lo == pytest.approx(min(0.0, float(outputs.min())))
-        assert out_range.hi == pytest.approx(max(0.0, float(outputs.max())))
+        assert calibration.output_ranges[name].lo == pytest.approx(min(0.0, float(outputs.min())))
+        assert calibration.output_ranges[name].hi == pytest.approx(max(0.0, float(outputs.max())))
+    observer = make_activation_observer(cfg.layers["conv"].activation)
+    for out in seen["conv"]:
+        observer.update(out)
+    scale, offset = observer.compute()
+    conv_range = calibration.output_ranges["conv"]
+    assert conv_range == quantizer_range(scale, offset)
+    assert conv_range.lo <= 0.0 <= conv_range.hi
+    assert asymmetric_params(conv_range.lo, conv_range.hi) == (scale, offset)  # the deploy's requantizer
+    outputs = torch.cat([t.flatten() for t in seen["conv"]])
+    assert float(outputs.min()) <= conv_range.lo and conv_range.hi < float(outputs.max())  # IFMR clips
 
 
 

@@ -70,15 +70,15 @@ def _trace(
 ) -> onnx.ModelProto:
     """Trace ``qmodel``; for a deploy model, first find its layers' output ranges.
 
-    The ranges seen during calibration (``qmodel.output_ranges``) are widened by
-    those observed while ``qmodel`` runs ``calibration``, or ``data`` when a
-    layer has no calibration range and no ``calibration`` is given.
+    The ranges calibrated with the record (``qmodel.output_ranges``) are used as
+    they are.  An enabled layer without one gets the min/max of its output while
+    ``qmodel`` runs ``calibration``, or ``data`` when no ``calibration`` is given.
     """
     ranges = None
     if deploy:
         ranges = dict(qmodel.output_ranges)
-        enabled = [name for name, layer in qmodel.layers().items() if layer.quant_enabled]
-        if calibration is not None or any(name not in ranges for name in enabled):
+        missing = [n for n, layer in qmodel.layers().items() if layer.quant_enabled and n not in ranges]
+        if missing:
 
             def run(model: torch.nn.Module) -> None:
                 if calibration is not None:
@@ -86,8 +86,8 @@ def _trace(
                 else:
                     model(*data)
 
-            for name, seen in observe_output_ranges(qmodel, run).items():
-                ranges[name] = seen.union(ranges[name]) if name in ranges else seen
+            seen = observe_output_ranges(qmodel, run)
+            ranges.update({name: seen[name] for name in missing if name in seen})
     with quant_export_mode(qmodel, ranges):
         return trace_to_onnx(qmodel, data, input_names, output_names, dynamic_axes, markers=True)
 
@@ -155,10 +155,12 @@ def export_deploy_model(
 
     Where a quantized Conv's output is not already read by a quantizer (it feeds
     an Add, a pooling or the graph output), that output is requantized with the
-    layer's output range seen during calibration (``qmodel.output_ranges``),
-    widened by what ``calibration(qmodel)`` shows if it is given (e.g. the
-    evaluator's ``calibration``), or observed on ``input_data`` when neither is
-    known.  Those requantizers are the deploy model's one numerical difference
+    layer's output range calibrated with the record (``qmodel.output_ranges``:
+    the layer's activation algorithm, IFMR or HFMG, on its output; see
+    :mod:`amct_opt.calibration`).  A layer without one (a ``QuantizedModel``
+    built without ``output_ranges``) uses the min/max of its output while
+    ``calibration(qmodel)`` runs if it is given (e.g. the evaluator's
+    ``calibration``), else on ``input_data``.  Those requantizers are the deploy model's one numerical difference
     from the fake-quant model, besides int32 biases.  A quantized Conv read by a
     layer kept float, and every quantized ConvTranspose, runs a float kernel on
     its constant dequantized weight: the same values, without ORT dequantizing the
