@@ -8,9 +8,10 @@ Runtime's kernels.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["QMIN", "QMAX", "quantize", "dequantize", "fake_quant", "fake_quant_per_channel"]
+__all__ = ["QMIN", "QMAX", "quantize", "dequantize", "fake_quant", "fake_quant_per_channel", "range_params"]
 
 QMIN = -128
 QMAX = 127
@@ -37,3 +38,18 @@ def fake_quant_per_channel(
     shape = [1] * w.dim()
     shape[axis] = -1
     return fake_quant(w, scale.reshape(shape), zero_point.reshape(shape))
+
+
+def range_params(lo: float, hi: float) -> tuple[np.float32, int]:
+    """Per-tensor int8 ``(scale, zero_point)`` over [lo, hi] widened to include 0: scale (hi - lo) / 255.
+
+    The scale is then lowered by float32 ulps until ``scale * (127 - zp) <= hi``,
+    so that the top of the range never passes ``hi`` (a Relu/Clip bounded by
+    ``hi`` in front of the quantizer stays provably redundant).
+    """
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32(max((hi - lo) / (QMAX - QMIN), float(np.finfo(np.float32).tiny)))
+    zero_point = int(np.clip(np.round(QMIN - lo / scale), QMIN, QMAX))
+    while hi > 0 and scale * np.float32(QMAX - zero_point) > np.float32(hi):
+        scale = np.nextafter(scale, np.float32(0))
+    return np.float32(scale), zero_point

@@ -1,8 +1,8 @@
 """Issue 4: accuracy_based_auto_calibration end to end on SmallNet and real MNIST digits.
 
 Measured on the session's trained SmallNet (DigitsEvaluator): the all-INT8 loss is
-1.75e-4; BinarySearch over the CosineSimilarity ranking rolls back 4 layers
-(loss 2.47e-4), then 6 (1.22e-4), then 5 (2.25e-4).  So a target of 1.6e-4
+1.53e-4; BinarySearch over the CosineSimilarity ranking rolls back 4 layers
+(loss 2.51e-4), then 6 (1.22e-4), then 5 (2.25e-4).  So a target of 1.3e-4
 forces a roll-back and is reachable (one layer stays INT8), and 2e-5 is met by
 the all-float model only.
 """
@@ -38,7 +38,7 @@ from amct_opt.trials import SearchStudy
 
 pytestmark = pytest.mark.slow
 
-ROLL_BACK_TARGET = 1.6e-4
+ROLL_BACK_TARGET = 1.3e-4
 UNREACHABLE_TARGET = 2e-5
 LAYERS = ["conv1", "conv2", "dw", "pw", "conv3", "fc1", "fc2"]
 OUT_FILES = {
@@ -457,7 +457,11 @@ def test_a_module_called_twice_and_a_functional_conv(tmp_path: Path) -> None:
     assert result.final_plan == {"conv": True, "fc": True}
     record = read_record(tmp_path / "record.txt")
     assert set(record) == {"conv", "fc"}
-    qmodel = build_quantized_model(fold_conv_bn(model, []), record)
+    # With the study's output ranges, as the export had them: "conv" simulates its output requantizer.
+    study = optuna.load_study(study_name="net", storage=f"sqlite:///{tmp_path / 'out' / 'amct_opt.db'}")
+    ranges = SearchStudy(study, ["conv", "fc"], {}).output_ranges()
+    qmodel = build_quantized_model(fold_conv_bn(model, []), record, ranges)
+    assert qmodel.layer("conv").requant is not None
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         want = qmodel(x)

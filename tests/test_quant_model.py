@@ -233,5 +233,9 @@ def test_every_quantizable_type_switches_between_float_and_its_own_fake_quant(
                - factors.offset_d) * factors.scale_d
         reference = copy.deepcopy(model)
         reference[0].weight.copy_(torch.clamp(torch.round(w / s_w), -128, 127) * s_w)
+        if isinstance(model[0], nn.modules.conv._ConvNd) and not model[0].transposed and model[0].bias is not None:
+            # and the bias rounded to int32 at scale_d * scale_w, as the deploy model stores it
+            s_b = torch.tensor(factors.scale_d, dtype=torch.float32) * torch.tensor(factors.scale_w)
+            reference[0].bias.copy_(torch.round(model[0].bias / s_b) * s_b)
         assert torch.equal(qmodel(x), reference(x_q))
         assert not torch.equal(qmodel(x), want_float)

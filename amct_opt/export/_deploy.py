@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import onnx
 
-from ._deploy_activations import activations_to_uint8, requantize_conv_outputs, share_activation_quantizers
+from ._deploy_activations import (
+    activations_to_uint8,
+    add_simulated_requantizers,
+    requantize_conv_outputs,
+    share_activation_quantizers,
+)
 from ._deploy_float_kernels import float_kernels_for_unfused_layers
 from ._deploy_weights import fold_weight_quantizers, fold_weight_transposes, quantize_biases, static_tensors
 from ._fake_quant import simulate_quantizers
@@ -17,14 +22,17 @@ __all__ = ["to_deploy_model", "to_fake_quant_model"]
 def to_fake_quant_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Float weights, fake quantization exactly where the torch fake quant is (edited in place).
 
+    That includes the output requantizers the torch layers simulate (see :mod:`amct_opt.requant`).
+
     Weight and activation quantizers are written as Div/Round/Clip/Mul, so that
     ORT computes them in float instead of fusing them into integer kernels
     (QLinearConv, MatMulNBits ...; see :mod:`._fake_quant`).
     """
     graph = Graph(model)
-    strip_markers(graph)
+    outputs = strip_markers(graph)
     graph.commit()
     graph = Graph(model)
+    add_simulated_requantizers(graph, outputs)
     simulate_quantizers(graph)
     graph.commit()
     return model

@@ -11,6 +11,7 @@ misses when a quantizer feeds several dequantizers.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,14 @@ from ._graph import Graph
 from ._markers import LayerOutput
 from ._qdq import QParams, add_qdq, asymmetric_qparams, qparams
 
-__all__ = ["activations_to_uint8", "requantize_conv_outputs", "share_activation_quantizers"]
+__all__ = [
+    "activations_to_uint8",
+    "add_simulated_requantizers",
+    "requantize_conv_outputs",
+    "share_activation_quantizers",
+]
+
+logger = logging.getLogger(__name__)
 
 #: How far (float32 ulps) a Q's scale may be lowered so that its range fits a Relu/Clip.
 _MAX_SCALE_NUDGE_ULPS = 16
@@ -169,10 +177,43 @@ def _is_float_layer(graph: Graph, node: onnx.NodeProto) -> bool:
     return weight is not None and weight.dtype == np.float32
 
 
+def _add_output_qdq(graph: Graph, output: LayerOutput, qp: QParams) -> None:
+    """Put Q/DQ with ``qp`` between the layer's node and the readers of its output."""
+    node = graph.producer(output.tensor)
+    assert node is not None
+    before = graph.fresh(f"{output.tensor}_float")
+    graph.rename_output(node, list(node.output).index(output.tensor), before)
+    add_qdq(graph, before, output.tensor, qp, f"{output.layer}_output")
+
+
+def _simulated(output: LayerOutput) -> QParams | None:
+    if output.requant is None:
+        return None
+    scale, zero_point = output.requant
+    return QParams(np.array(scale, np.float32), np.array(zero_point, np.int8), None)
+
+
+def add_simulated_requantizers(graph: Graph, outputs: list[LayerOutput]) -> None:
+    """The fake-quant model's copy of the deploy's output requantizers: the ones the torch layers simulate."""
+    for output in outputs:
+        qp = _simulated(output)
+        if qp is not None and graph.producer(output.tensor) is not None:
+            _add_output_qdq(graph, output, qp)
+
+
+def _unsimulated(output: LayerOutput, why: str) -> None:
+    if output.requant is not None:
+        logger.warning(
+            "layer %s: the fake-quant model requantizes its output, but the deploy model does not (%s); "
+            "the two differ there by up to one quantization step", output.layer, why,
+        )
+
+
 def _requantize(graph: Graph, output: LayerOutput) -> None:
     tensor = output.tensor
     conv = graph.producer(tensor)
     if conv is None or conv.op_type != "Conv":
+        _unsimulated(output, "it is not a Conv in the ONNX graph")
         return
     act, bounds = None, _Bounds(-math.inf, math.inf)
     consumers = graph.consumers(tensor)
@@ -183,6 +224,7 @@ def _requantize(graph: Graph, output: LayerOutput) -> None:
     tail = act.output[0] if act is not None else tensor
     tail_consumers = graph.consumers(tail)
     if any(_is_float_layer(graph, node) for node in tail_consumers):
+        _unsimulated(output, "a layer kept float reads it")
         return
     if not graph.is_output(tail):
         quantizers = [(q, qp) for q in tail_consumers if (qp := _activation_q(graph, q)) is not None]
@@ -196,15 +238,19 @@ def _requantize(graph: Graph, output: LayerOutput) -> None:
                     for i, name in enumerate(node.input):
                         if name == tail:
                             graph.set_input(node, i, shared)
+            used, simulated = qparams(graph, q), _simulated(output)
+            if simulated is not None and (used is None or not used.same_as(simulated)):
+                _unsimulated(output, "its readers share another quantizer")
             return
-    if output.out_range is None:
-        return
-    lo = min(max(output.out_range.lo, bounds.lo), bounds.hi)
-    hi = max(min(output.out_range.hi, bounds.hi), bounds.lo)
-    qp = asymmetric_qparams(lo, hi)
-    before = graph.fresh(f"{tensor}_float")
-    graph.rename_output(conv, list(conv.output).index(tensor), before)
-    add_qdq(graph, before, tensor, qp, f"{output.layer}_output")
+    qp = _simulated(output)
+    if qp is None:
+        if output.out_range is None:
+            return
+        lo = min(max(output.out_range.lo, bounds.lo), bounds.hi)
+        hi = max(min(output.out_range.hi, bounds.hi), bounds.lo)
+        qp = asymmetric_qparams(lo, hi)
+        logger.debug("layer %s: its output requantizer is not simulated by the fake-quant model", output.layer)
+    _add_output_qdq(graph, output, qp)
     if act is not None and bounds.contains(qp):
         graph.bypass(act)
 

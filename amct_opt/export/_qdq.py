@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..fake_quant import QMAX, QMIN
+from ..fake_quant import QMAX, QMIN, range_params
 from ._graph import Graph
 
 __all__ = [
@@ -84,17 +84,8 @@ def dequantize_array(q: np.ndarray, qp: QParams) -> np.ndarray:
 
 
 def asymmetric_qparams(lo: float, hi: float) -> QParams:
-    """Per-tensor int8 parameters over [lo, hi] widened to include 0: scale (hi - lo) / 255.
-
-    The scale is then lowered by float32 ulps until ``scale * (127 - zp) <= hi``,
-    so that the top of the range never passes ``hi`` (a Relu/Clip bounded by
-    ``hi`` in front of the quantizer stays provably redundant).
-    """
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = np.float32(max((hi - lo) / (QMAX - QMIN), float(np.finfo(np.float32).tiny)))
-    zero_point = int(np.clip(np.round(QMIN - lo / scale), QMIN, QMAX))
-    while hi > 0 and scale * np.float32(QMAX - zero_point) > np.float32(hi):
-        scale = np.nextafter(scale, np.float32(0))
+    """Per-tensor int8 parameters over [lo, hi] widened to include 0 (see :func:`amct_opt.fake_quant.range_params`)."""
+    scale, zero_point = range_params(lo, hi)
     return QParams(np.array(scale, np.float32), np.array(zero_point, np.int8), None)
 
 

@@ -5,8 +5,10 @@ While exporting, each *enabled* :class:`QuantLayer` computes through two
 QuantizeLinear -> DequantizeLinear pairs (int8 zero point, per-channel ``axis``
 for weights) in place of the torch fake-quant math, and marks its output with a
 ``amct_opt::LayerOutput`` node that carries the layer name and, for the deploy
-model, the observed output range.  The marker nodes are removed again by the
-fake-quant and deploy passes.  Layers switched to float trace as plain float.
+model, the observed output range, plus the output requantizer the layer
+simulates (:meth:`QuantLayer.output_requant`), which both passes write as a Q/DQ
+pair.  The marker nodes are removed again by the fake-quant and deploy passes.
+Layers switched to float trace as plain float.
 """
 
 from __future__ import annotations
@@ -69,14 +71,20 @@ class _LayerOutput(torch.autograd.Function):
     """Identity; exports as an ``amct_opt::LayerOutput`` marker naming the layer."""
 
     @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, name: str, lo: float | None, hi: float | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, y: torch.Tensor, name: str, lo: float | None, hi: float | None, requant: tuple[float, int] | None
+    ) -> torch.Tensor:
         return y.clone()
 
     @staticmethod
-    def symbolic(g: Any, y: Any, name: str, lo: float | None, hi: float | None) -> Any:
+    def symbolic(
+        g: Any, y: Any, name: str, lo: float | None, hi: float | None, requant: tuple[float, int] | None
+    ) -> Any:
         attrs: dict[str, Any] = {"layer_s": name}
         if lo is not None and hi is not None:
             attrs.update(lo_f=lo, hi_f=hi)
+        if requant is not None:
+            attrs.update(requant_scale_f=requant[0], requant_zero_point_i=requant[1])
         out = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", y, **attrs)
         out.setType(y.type())
         return out
@@ -92,6 +100,7 @@ class _LayerConstants:
     offset_w: int | tuple[int, ...]
     weight_axis: int | None
     out_range: OutputRange | None
+    requant: tuple[float, int] | None
 
 
 def _constants(layer: QuantLayer, out_range: OutputRange | None) -> _LayerConstants:
@@ -105,22 +114,23 @@ def _constants(layer: QuantLayer, out_range: OutputRange | None) -> _LayerConsta
         offset_w=offset_w if per_channel else offset_w[0],
         weight_axis=layer.weight_axis,
         out_range=out_range,
+        requant=layer.output_requant(),
     )
 
 
 @contextlib.contextmanager
-def _weight_replaced(module: nn.Module, weight: torch.Tensor) -> Iterator[None]:
-    """``module.weight`` reads ``weight`` inside the block.
+def _params_replaced(module: nn.Module, params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``module.<name>`` reads ``params[name]`` inside the block.
 
     ``torch.func.functional_call`` refuses to run under the JIT tracer, so the
-    parameter is swapped directly and put back on exit.
+    parameters are swapped directly and put back on exit.
     """
-    parameter = module._parameters["weight"]
-    module._parameters["weight"] = weight  # type: ignore[assignment]
+    saved = {name: module._parameters[name] for name in params}
+    module._parameters.update(params)  # type: ignore[arg-type]
     try:
         yield
     finally:
-        module._parameters["weight"] = parameter
+        module._parameters.update(saved)
 
 
 def _export_forward(layer: QuantLayer, c: _LayerConstants, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -128,10 +138,13 @@ def _export_forward(layer: QuantLayer, c: _LayerConstants, x: torch.Tensor, *arg
     fake_quantized = fake_quant(x, layer.get_buffer("scale_d"), layer.get_buffer("offset_d"))
     qx = _QuantDequant.apply(x, fake_quantized, c.scale_d, c.offset_d, None)
     weight = _QuantDequant.apply(layer.module.weight, layer.fq_weight, c.scale_w, c.offset_w, c.weight_axis)
-    with _weight_replaced(layer.module, weight):
+    params = {"weight": weight}
+    if "bias" in layer.quantized_params:  # the int32-rounded bias, as a float constant
+        params["bias"] = layer.get_buffer("fq_bias")
+    with _params_replaced(layer.module, params):
         y = layer.module(qx, *args, **kwargs)
     lo, hi = (c.out_range.lo, c.out_range.hi) if c.out_range is not None else (None, None)
-    return _LayerOutput.apply(y, layer.name, lo, hi)
+    return _LayerOutput.apply(y, layer.name, lo, hi, c.requant)
 
 
 @contextlib.contextmanager

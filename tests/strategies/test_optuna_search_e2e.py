@@ -121,7 +121,7 @@ def test_every_named_sampler_runs_end_to_end(run: SearchedRun, tmp_path: Path, t
         budget += 1
         before = len(optuna.load_study(study_name="small", storage=storage).trials)
         strategy = OptunaSearch(name, n_trials=budget, seed=0, storage=storage, study_name="small",
-                                guided=False, show_progress=False)
+                                guided=False, warm_start=False, show_progress=False)  # the sampler's turns only
         # A stricter target than the shared run's: the optimum cannot be proven within the budget.
         result, evaluator = resume(run, tmp_path / name, strategy, trained, target=0.6 * run.target)
         assert evaluator.calibration_calls == 0, name
