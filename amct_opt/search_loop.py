@@ -237,6 +237,7 @@ class SearchLoop:
         assert proposal.plan is not None
         waiting_logged = False
         misses = 0  # meanwhile trials in a row that evaluated nothing (the sampler repeated itself)
+        delay = POLL_S / 8  # the first looks come soon: the other worker may be nearly done
         while True:
             stored = self.study.lookup(proposal.plan, self.judge)
             if stored is not None:
@@ -261,7 +262,8 @@ class SearchLoop:
                         "one left by a crash: it is failed and re-queued once its heartbeat is stale)"
                     )
                     waiting_logged = True
-                time.sleep(POLL_S)
+                time.sleep(delay)
+                delay = min(2 * delay, POLL_S)
                 fail_stale_trials(self.study.study)
                 continue
             if state is None:
