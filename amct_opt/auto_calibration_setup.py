@@ -28,7 +28,7 @@ from .fusion import FusionPair, fold_conv_bn, pairs_to_fold
 from .layers import find_quantizable_layers
 from .objectives import check_objective
 from .outputs import NewFiles, OutputPaths, as_input_tuple, resolve_outputs
-from .quant_model import QuantizedModel, build_quantized_model
+from .quant_model import NUMERICS, QuantizedModel, build_quantized_model
 from .record import record_from_text, record_to_text, write_record
 from .run_logging import log_to_file
 from .sensitivity import SensitivityBase, resolve_sensitivity
@@ -236,6 +236,7 @@ def _fingerprint_parts(model: nn.Module, config: QuantConfig, inputs: tuple[Any,
     """
     return {
         "amct_opt version": __version__,
+        "fake-quant numerics": NUMERICS,
         "model weights": combine(model_fingerprint(model)),
         "quant config": combine(config.fingerprint()),
         "input shapes": str([tuple(t.shape) for t in inputs]),

@@ -21,7 +21,12 @@ from .layers import is_conv, weight_channel_axis
 from .requant import contains, requant_params, requant_sites
 from .types import LayerQuantFactors, OutputRanges, Plan, Record
 
-__all__ = ["QuantLayer", "QuantizedModel", "build_quantized_model"]
+__all__ = ["NUMERICS", "QuantLayer", "QuantizedModel", "build_quantized_model"]
+
+#: What the fake-quant model computes, in one word; part of a study's fingerprint, so that
+#: evaluations stored under other numerics are not reused.  2: the deploy model's output
+#: requantizers and int32-rounded conv biases are simulated.
+NUMERICS = "2"
 
 
 class QuantLayer(nn.Module):
