@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from ..requant import Bounds, contains
 from ._graph import Graph
 from ._markers import LayerOutput
 from ._qdq import QParams, add_qdq, asymmetric_qparams, qparams
@@ -33,18 +33,11 @@ logger = logging.getLogger(__name__)
 
 #: How far (float32 ulps) a Q's scale may be lowered so that its range fits a Relu/Clip.
 _MAX_SCALE_NUDGE_ULPS = 16
-_EPS = float(np.finfo(np.float32).eps)
 
 
-@dataclass(frozen=True)
-class _Bounds:
-    lo: float
-    hi: float
-
-    def contains(self, qp: QParams) -> bool:
-        """ORT's test (ClipQuantFusion) for dropping a Relu/Clip in front of a Q with ``qp``."""
-        lower, upper = qp.real_range()
-        return self.lo - lower <= _EPS and upper - self.hi <= _EPS
+def _inside(bounds: Bounds, qp: QParams) -> bool:
+    """ORT's test (ClipQuantFusion) for dropping a Relu/Clip in front of a Q with ``qp``."""
+    return contains(bounds, float(qp.scale), int(qp.zero_point))
 
 
 def _activation_q(graph: Graph, node: onnx.NodeProto) -> QParams | None:
@@ -101,10 +94,10 @@ def share_activation_quantizers(graph: Graph) -> None:
                 _merge_dequantizers(graph, dqs)
 
 
-def _bounds(graph: Graph, act: onnx.NodeProto) -> _Bounds | None:
+def _bounds(graph: Graph, act: onnx.NodeProto) -> Bounds | None:
     """The clip range of a Relu or a Clip with constant bounds."""
     if act.op_type == "Relu":
-        return _Bounds(0.0, math.inf)
+        return Bounds(0.0, math.inf)
     if act.op_type != "Clip":
         return None
     limits = [-math.inf, math.inf]
@@ -115,7 +108,7 @@ def _bounds(graph: Graph, act: onnx.NodeProto) -> _Bounds | None:
         if value is None or value.size != 1:
             return None
         limits[i] = float(value)
-    return _Bounds(limits[0], limits[1])
+    return Bounds(limits[0], limits[1])
 
 
 def _set_params(graph: Graph, q: onnx.NodeProto, old: QParams, new: QParams, hint: str) -> None:
@@ -127,7 +120,7 @@ def _set_params(graph: Graph, q: onnx.NodeProto, old: QParams, new: QParams, hin
         graph.set_input(node, 2, zero_point)
 
 
-def _fit(graph: Graph, q: onnx.NodeProto, qp: QParams, bounds: _Bounds) -> bool:
+def _fit(graph: Graph, q: onnx.NodeProto, qp: QParams, bounds: Bounds) -> bool:
     """Make ``q``'s range lie inside ``bounds`` so that ORT drops the Relu/Clip before it.
 
     A scale a few float32 ulps too large is lowered by those ulps (the same
@@ -136,13 +129,13 @@ def _fit(graph: Graph, q: onnx.NodeProto, qp: QParams, bounds: _Bounds) -> bool:
     asymmetrically: no value the Relu/Clip lets through is represented worse.
     Returns False when the range and the bounds do not overlap.
     """
-    if bounds.contains(qp):
+    if _inside(bounds, qp):
         return True
     scale = qp.scale
     for _ in range(_MAX_SCALE_NUDGE_ULPS):
         scale = np.nextafter(scale, np.float32(0)).astype(np.float32)
         nudged = QParams(scale, qp.zero_point, None)
-        if bounds.contains(nudged):
+        if _inside(bounds, nudged):
             _set_params(graph, q, qp, nudged, f"{q.name}_fitted")
             return True
     lower, upper = qp.real_range()
@@ -150,7 +143,7 @@ def _fit(graph: Graph, q: onnx.NodeProto, qp: QParams, bounds: _Bounds) -> bool:
     if not lo < hi:
         return False
     refitted = asymmetric_qparams(lo, hi)
-    if not bounds.contains(refitted):
+    if not _inside(bounds, refitted):
         return False
     _set_params(graph, q, qp, refitted, f"{q.name}_fitted")
     return True
@@ -215,7 +208,7 @@ def _requantize(graph: Graph, output: LayerOutput) -> None:
     if conv is None or conv.op_type != "Conv":
         _unsimulated(output, "it is not a Conv in the ONNX graph")
         return
-    act, bounds = None, _Bounds(-math.inf, math.inf)
+    act, bounds = None, Bounds(-math.inf, math.inf)
     consumers = graph.consumers(tensor)
     if not graph.is_output(tensor) and len(consumers) == 1:
         act_bounds = _bounds(graph, consumers[0])
@@ -228,7 +221,7 @@ def _requantize(graph: Graph, output: LayerOutput) -> None:
         return
     if not graph.is_output(tail):
         quantizers = [(q, qp) for q in tail_consumers if (qp := _activation_q(graph, q)) is not None]
-        quantizers.sort(key=lambda item: not bounds.contains(item[1]))
+        quantizers.sort(key=lambda item: not _inside(bounds, item[1]))
         for q, qp in quantizers:
             if not _fit(graph, q, qp, bounds):
                 continue
@@ -251,7 +244,7 @@ def _requantize(graph: Graph, output: LayerOutput) -> None:
         qp = asymmetric_qparams(lo, hi)
         logger.debug("layer %s: its output requantizer is not simulated by the fake-quant model", output.layer)
     _add_output_qdq(graph, output, qp)
-    if act is not None and bounds.contains(qp):
+    if act is not None and _inside(bounds, qp):
         graph.bypass(act)
 
 
