@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--n-trials", type=int, default=None, help="Optuna budget in evaluations (default: the strategy's)"
     )
     parser.add_argument(
+        "--seed", type=int, default=0, help="seeds Optuna's sampler and proposals, so a run repeats (default 0)"
+    )
+    parser.add_argument(
         "--metric", choices=METRICS, default="kl", help="what the target applies to (default: kl)"
     )
     parser.add_argument(
@@ -89,8 +92,8 @@ def run_strategy(
 ) -> list[str]:
     """One auto-calibration run into ``results/<name>/``; returns its summary lines."""
     strategy: Any = STRATEGIES[name]
-    if name == "optuna" and args.n_trials is not None:
-        strategy = OptunaSearch(n_trials=args.n_trials)
+    if name == "optuna":
+        strategy = OptunaSearch(n_trials=args.n_trials, seed=args.seed)
     save_dir = Path("results") / name / PREFIX
     start = time.perf_counter()
     result = amct.accuracy_based_auto_calibration(
