@@ -65,6 +65,7 @@ __all__ = [
     "WORKER_ATTR",
     "fail_stale_trials",
     "in_flight",
+    "poll_delay",
     "worker_name",
 ]
 
@@ -82,6 +83,17 @@ WORKER_ATTR = "worker"
 POLL_S = 0.25
 #: Seconds between two "still waiting" log lines.
 REMIND_S = 60.0
+#: Shortest pause between two looks, and the share of the time waited so far that the next pause is.
+MIN_POLL_S, POLL_SHARE = 0.02, 0.1
+
+
+def poll_delay(waited_s: float, cap_s: float) -> float:
+    """The pause before the next look, after ``waited_s`` seconds of waiting: a tenth of it, within bounds.
+
+    What is awaited (another worker's evaluation, calibration or ranking) is
+    seen at most about 10% late, while a long wait reads the study at most every ``cap_s``.
+    """
+    return min(cap_s, max(MIN_POLL_S, POLL_SHARE * waited_s))
 
 _TABLE = StudyUserAttributeModel.__table__
 #: First key of PostgreSQL's two-key advisory lock ("amct" in ASCII); the second is the study id.
@@ -396,6 +408,7 @@ class Coordinator:
         """
         waited_since: float | None = None
         reminded = 0.0
+        started = time.monotonic()
         while True:
             value = stored()
             if value is not None:
@@ -414,7 +427,7 @@ class Coordinator:
                 )
                 waited_since = now if waited_since is None else waited_since
                 reminded = now
-            time.sleep(POLL_S)
+            time.sleep(poll_delay(now - started, POLL_S))
 
     def claim(
         self,

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .distributed import Coordinator, fail_stale_trials
+from .distributed import Coordinator, fail_stale_trials, poll_delay
 from .errors import EvaluatorError
 from .progress import SearchProgress
 from .strategies.base import Proposal, SearchStrategy
@@ -237,7 +237,7 @@ class SearchLoop:
         assert proposal.plan is not None
         waiting_logged = False
         misses = 0  # meanwhile trials in a row that evaluated nothing (the sampler repeated itself)
-        delay = POLL_S / 8  # the first looks come soon: the other worker may be nearly done
+        started = time.monotonic()
         while True:
             stored = self.study.lookup(proposal.plan, self.judge)
             if stored is not None:
@@ -262,8 +262,7 @@ class SearchLoop:
                         "one left by a crash: it is failed and re-queued once its heartbeat is stale)"
                     )
                     waiting_logged = True
-                time.sleep(delay)
-                delay = min(2 * delay, POLL_S)
+                time.sleep(poll_delay(time.monotonic() - started, POLL_S))
                 fail_stale_trials(self.study.study)
                 continue
             if state is None:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from optuna.storages._rdb.models import TrialHeartbeatModel
 from optuna.trial import TrialState
 
-from amct_opt.distributed import SETUP_LEASE, WORKER_ATTR, Coordinator, fail_stale_trials
+from amct_opt.distributed import MIN_POLL_S, SETUP_LEASE, WORKER_ATTR, Coordinator, fail_stale_trials, poll_delay
 from amct_opt.errors import StorageError
 from amct_opt.storage import heartbeat_settings, mask_url, open_storage
 from amct_opt.trials import SearchStudy
@@ -75,6 +75,19 @@ def test_once_computes_in_one_worker_and_the_others_reuse_it(study: optuna.Study
     assert len(computed) == 1
     assert {value for value, _ in results.values()} == {f"value from {computed[0]}"}
     assert sorted(flag for _, flag in results.values()) == [False, False, True]
+
+
+def test_a_waiter_looks_again_after_a_tenth_of_its_wait_within_bounds() -> None:
+    """So an awaited result is seen about 10% late at most (doubling pauses saw a 1.2 s evaluation 0.24 s late)."""
+    assert poll_delay(0.0, 0.5) == MIN_POLL_S
+    assert poll_delay(1.2, 0.5) == pytest.approx(0.12)
+    assert poll_delay(3.0, 0.5) == pytest.approx(0.3)
+    assert poll_delay(600.0, 0.5) == 0.5
+    waited, looks = 0.0, 0
+    while waited < 1.2:  # an evaluation of 1.2 s, awaited from its start
+        waited += poll_delay(waited, 0.5)
+        looks += 1
+    assert waited - 1.2 <= 0.1 * 1.2 + 1e-9 and looks < 30
 
 
 def test_once_takes_over_from_a_holder_that_stopped_beating(study: optuna.Study) -> None:
