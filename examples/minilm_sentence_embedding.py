@@ -18,7 +18,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
@@ -56,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs/minilm"), help="output folder")
     parser.add_argument(
         "--n-trials", type=int, default=None, help="Optuna budget in evaluations (default: the strategy's)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds Optuna's sampler and proposals, so a run repeats (default 0)"
     )
     parser.add_argument("--min-cosine", type=float, default=0.99, help="target mean cosine (default 0.99)")
     parser.add_argument("--batch-num", type=int, default=4, help="calibration batches of 16 (default 4)")
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder, calibration_inputs, tokenize(tokenizer, evaluation), args.batch_num, min_cosine=args.min_cosine
     )
     sample = (calibration_inputs[0][:2], calibration_inputs[1][:2])
-    strategy: Any = "optuna" if args.n_trials is None else OptunaSearch(n_trials=args.n_trials)
+    strategy = OptunaSearch(n_trials=args.n_trials, seed=args.seed)  # strategy="optuna", seeded
     with working_directory(args.out):
         amct.create_quant_config(
             "tmp/config.json", encoder, sample, batch_num=args.batch_num, config_defination=config_for_this_cpu(encoder)
