@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 
 from ._deploy_activations import (
@@ -17,6 +19,8 @@ from ._graph import Graph
 from ._markers import strip_markers
 
 __all__ = ["to_deploy_model", "to_fake_quant_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def to_fake_quant_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -58,7 +62,14 @@ def to_deploy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     fold_weight_transposes(graph)
     share_activation_quantizers(graph)
     requantize_conv_outputs(graph, outputs)
-    float_kernels_for_unfused_layers(graph)
+    unfused = set(float_kernels_for_unfused_layers(graph))
+    if unfused:
+        names = [o.layer for o in outputs if o.tensor in unfused]
+        logger.info(
+            "deploy model: %d quantized layer(s) run with float kernels in ONNX Runtime, on their int8 input "
+            "and weight values (no integer kernel for a ConvTranspose; a Conv whose output a layer kept float "
+            "reads gets no output quantizer): %s", len(unfused), ", ".join(sorted(names)) or "?",
+        )
     quantize_biases(graph, static)
     activations_to_uint8(graph)
     graph.commit()

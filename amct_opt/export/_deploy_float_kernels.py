@@ -76,9 +76,13 @@ def _activation_dq(graph: Graph, name: str) -> tuple[onnx.NodeProto, QParams] | 
     return dq, qp
 
 
-def float_kernels_for_unfused_layers(graph: Graph) -> None:
+def float_kernels_for_unfused_layers(graph: Graph) -> list[str]:
     """Give every quantized Conv without an output quantizer, and every quantized ConvTranspose,
-    a constant dequantized weight and a Div/Round/Clip/Mul input quantizer (same values)."""
+    a constant dequantized weight and a Div/Round/Clip/Mul input quantizer (same values).
+
+    Returns the output tensors of the layers so changed (ORT runs them with float kernels).
+    """
+    changed: list[str] = []
     for node in list(graph.nodes):
         if node.op_type == "Conv" and _fused(graph, node):
             continue
@@ -93,3 +97,5 @@ def float_kernels_for_unfused_layers(graph: Graph) -> None:
         assert weight_dq is not None
         graph.set_input(node, 1, graph.add_initializer(weight, f"{weight_dq.input[0]}_dequantized"))
         graph.set_input(node, 0, _simulated_input(graph, *activation, hint))
+        changed.append(node.output[0])
+    return changed
