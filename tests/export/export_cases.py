@@ -69,6 +69,11 @@ atexit.register(_WORKDIR.cleanup)
 @functools.cache
 def exported(name: str) -> Exported:
     """The case ``name`` quantized (records from real min/max) and exported, once per test session."""
+    return export_case(name, Path(_WORKDIR.name) / name)
+
+
+def export_case(name: str, prefix: Path) -> Exported:
+    """The case ``name`` quantized and exported to ``prefix`` now (see :func:`exported`)."""
     case = CASES[name]
     torch.manual_seed(0)
     model = case.make().eval()
@@ -77,7 +82,7 @@ def exported(name: str) -> Exported:
     qmodel = quantize(model, (calibration,), case.float_layers, case.per_channel_linear, case.symmetric)
     paths = export_models(
         qmodel,
-        Path(_WORKDIR.name) / name,
+        prefix,
         (calibration[:2],),
         input_names=["input"],
         output_names=["output"],
